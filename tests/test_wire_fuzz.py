@@ -1,0 +1,330 @@
+"""Property tests: whatever arrives, a decoder returns a valid message or raises ValidationError.
+
+A device or a server must never crash (or leak a protobuf/numpy exception into aggregation) on a
+malformed message; the federation rejects it with a reason and goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cut import wire
+from cut.messages import (
+    Budget,
+    CompactModelSpec,
+    ImportanceReport,
+    Limits,
+    ScoringRequest,
+    TaskProfile,
+    ValidationError,
+    validate_plan,
+)
+from cut.plan import PruningPlan
+from cut.proto import cutfl_pb2 as pb
+
+SHA = hashlib.sha256(b"base model").hexdigest()
+GROUPS = {"backbone.layer1": 8, "heads.seg.0": 4}
+
+
+def make_report(**kw) -> ImportanceReport:
+    scores = {t: {g: np.linspace(0, 1, n, dtype=np.float32) for g, n in GROUPS.items()} for t in ("seg", "depth")}
+    base = dict(device_id="d1", base_model_id="m", base_model_sha256=SHA, scores=scores)
+    return ImportanceReport(**{**base, "samples_used": {"seg": 3, "depth": 4}, **kw})
+
+
+def make_plan() -> PruningPlan:
+    keep = {"backbone.layer1": (0, 3), "heads.seg.0": (1,)}
+    return PruningPlan(base_model_sha256=SHA, tasks=("seg", "depth"), keep=keep, group_sizes=dict(GROUPS))
+
+
+def make_spec() -> CompactModelSpec:
+    return CompactModelSpec(
+        plan=make_plan(), architecture={"backbone": "resnet18"}, weights_sha256=SHA, tasks=("seg", "depth")
+    )
+
+
+PROFILE = TaskProfile(device_id="d1", tasks=("seg",), budget=Budget("params", 0.5), samples_per_task={"seg": 3})
+REQUEST = ScoringRequest(
+    base_model_id="m", base_model_sha256=SHA, tasks=("seg", "depth"), criterion="taylor", num_batches=2, batch_size=4
+)
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SMALL = Limits(max_header_bytes=64 << 10, max_array_bytes=1 << 20, max_elements=1 << 16)
+
+VALID_BYTES = {
+    "profile": wire.encode_profile(PROFILE),
+    "request": wire.encode_request(REQUEST),
+    "plan": wire.encode_plan(make_plan()),
+    "spec": wire.encode_spec(make_spec()),
+    "report": wire.encode_report(make_report())[0],
+}
+
+
+def _decode(name: str, data: bytes, arrays=None):
+    """Run one decoder; the result must itself pass validation."""
+    if name == "profile":
+        out = wire.decode_profile(data, limits=SMALL)
+        assert isinstance(out, TaskProfile)
+        out.validate(limits=SMALL)
+    elif name == "request":
+        out = wire.decode_request(data, limits=SMALL)
+        assert isinstance(out, ScoringRequest)
+        out.validate(limits=SMALL)
+    elif name == "plan":
+        out = wire.decode_plan(data, limits=SMALL)
+        assert isinstance(out, PruningPlan)
+        validate_plan(out, limits=SMALL)
+    elif name == "spec":
+        out = wire.decode_spec(data, limits=SMALL)
+        assert isinstance(out, CompactModelSpec)
+        out.validate(limits=SMALL)
+    else:
+        out = wire.decode_report(data, arrays if arrays is not None else {}, group_sizes=GROUPS, limits=SMALL)
+        assert isinstance(out, ImportanceReport)
+        out.validate(group_sizes=GROUPS, limits=SMALL)
+    return out
+
+
+def _accepts_or_rejects(name: str, data: bytes, arrays=None) -> None:
+    try:
+        _decode(name, data, arrays)
+    except ValidationError as e:
+        assert str(e)  # always a reason
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(VALID_BYTES)), data=st.binary(max_size=512))
+def test_random_bytes(name, data):
+    _accepts_or_rejects(name, data)
+
+
+@st.composite
+def mutated(draw, name: str) -> bytes:
+    """A valid encoding with a few bytes flipped, cut or inserted: near-valid garbage."""
+    data = bytearray(VALID_BYTES[name])
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "cut", "insert"]))
+        i = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[i] ^= draw(st.integers(1, 255))
+        elif op == "cut":
+            del data[i : i + draw(st.integers(1, 8))]
+        else:
+            data[i:i] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(data)
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(sorted(VALID_BYTES)))
+def test_mutated_valid_bytes(data, name):
+    _accepts_or_rejects(name, data.draw(mutated(name)))
+
+
+# ----------------------------------------------------- structurally plausible, semantically random
+
+
+# A valid message with 0-3 of its fields set to random values, valid or not: often accepted, and
+# each rejection path (not just the first check in a decoder) gets exercised.
+
+names = st.sampled_from(["seg", "depth", "normals", "", "seg/x", "1bad", "x" * 300])
+any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, -1.0])
+int32 = st.integers(-(2**31), 2**31 - 1)
+text = st.sampled_from(["", "d1", "x" * 300]) | st.text(max_size=6)
+sha = st.sampled_from([SHA, "", "zz", SHA.upper(), SHA[:-1], hashlib.sha256(b"x").hexdigest()])
+
+
+def put(path: str, values: st.SearchStrategy):
+    """An edit that sets one (possibly nested, dotted) scalar field."""
+
+    def edit(msg, draw) -> None:
+        *parents, leaf = path.split(".")
+        for part in parents:
+            msg = getattr(msg, part)
+        setattr(msg, leaf, draw(values))
+
+    return edit
+
+
+def replace(field: str, values: st.SearchStrategy):
+    """An edit that replaces a repeated field or updates a map field."""
+
+    def edit(msg, draw) -> None:
+        value = draw(values)
+        if isinstance(value, dict):
+            getattr(msg, field).update(value)
+        else:
+            msg.ClearField(field)
+            getattr(msg, field).extend(value)
+
+    return edit
+
+
+def clear(field: str):
+    return lambda msg, draw: msg.ClearField(field)
+
+
+COMMON = [put("protocol_version", st.integers(0, 2**32 - 1)), replace("tasks", st.lists(names, max_size=4))]
+PROFILE_EDITS = COMMON + [
+    put("device_id", text),
+    put("device_class", text),
+    put("budget.kind", st.integers(0, 2**31 - 1)),
+    put("budget.value", any_float),
+    clear("budget"),
+    replace("task_priority", st.dictionaries(names, any_float, max_size=3)),
+    replace("samples_per_task", st.dictionaries(names, st.integers(-(2**63), 2**63 - 1), max_size=3)),
+]
+REQUEST_EDITS = COMMON + [
+    put("base_model_id", text),
+    put("base_model_sha256", sha),
+    put("criterion", text),
+    put("num_batches", st.integers(0, 2**32 - 1)),
+    put("batch_size", st.integers(0, 2**32 - 1)),
+    put("privacy.clip_norm", any_float),
+    put("privacy.noise_multiplier", any_float),
+    put("privacy.seed", st.integers(0, 2**64 - 1)),
+    clear("privacy"),
+]
+GROUP_EDITS = [put("name", st.sampled_from(["", "g2", "heads.seg.0", "x" * 300])), put("size", int32)]
+PLAN_EDITS = COMMON + [
+    put("base_model_sha256", sha),
+    put("budget_kind", st.integers(0, 2**31 - 1)),
+    put("budget_value", any_float),
+    put("method", text),
+    put("plan_format_version", st.integers(0, 2**32 - 1)),
+    put("plan_hash", st.sampled_from(["", "0" * 64])),
+    replace("achieved", st.dictionaries(names, any_float, max_size=2)),
+    clear("groups"),
+]
+SPEC_EDITS = COMMON + [
+    put("architecture_json", st.sampled_from(["{", "[]", '{"x": Infinity}', "", "null", '{"a": [1, 2]}'])),
+    put("weights_sha256", sha),
+    replace("expected_metrics", st.dictionaries(names, any_float, max_size=2)),
+    clear("plan"),
+]
+
+
+def _apply(draw, msg, edits) -> None:
+    for i in draw(st.lists(st.integers(0, len(edits) - 1), max_size=3)):
+        edits[i](msg, draw)
+
+
+@st.composite
+def edited_plan(draw, msg: pb.PruningPlan) -> None:
+    """Edit a plan, its groups and kept indices; mostly re-sign it so the hash check passes."""
+    _apply(draw, msg, PLAN_EDITS)
+    for group in msg.groups:
+        if draw(st.integers(0, 3)) == 0:
+            _apply(draw, group, GROUP_EDITS + [replace("keep", st.lists(int32 | st.integers(-1, 8), max_size=5))])
+    if draw(st.integers(0, 3)) > 0:
+        try:
+            plan = PruningPlan(
+                base_model_sha256=msg.base_model_sha256,
+                tasks=tuple(msg.tasks),
+                keep={g.name: tuple(g.keep) for g in msg.groups},
+                group_sizes={g.name: g.size for g in msg.groups},
+                version=msg.plan_format_version,
+            )
+            msg.plan_hash = plan.plan_hash
+        except (ValueError, IndexError):
+            pass
+
+
+@st.composite
+def edited(draw, name: str) -> bytes:
+    cls = {"profile": pb.TaskProfile, "request": pb.ScoringRequest, "plan": pb.PruningPlan, "spec": pb.CompactModelSpec}
+    msg = cls[name].FromString(VALID_BYTES[name])
+    if name == "plan":
+        draw(edited_plan(msg))
+    elif name == "spec":
+        _apply(draw, msg, SPEC_EDITS)
+        draw(edited_plan(msg.plan))
+    else:
+        _apply(draw, msg, PROFILE_EDITS if name == "profile" else REQUEST_EDITS)
+    return msg.SerializeToString()
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(["profile", "request", "plan", "spec"]))
+def test_edited_messages(data, name):
+    _accepts_or_rejects(name, data.draw(edited(name)))
+
+
+# ----------------------------------------------------------------------------- report arrays
+
+
+def mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
+    """Valid about 3 times in 4, so that arrays often get past the first checks to deeper ones."""
+    return st.one_of(good, good, good, bad)
+
+
+REPORT_HEADER, REPORT_ARRAYS = wire.encode_report(make_report(), "float16")
+dtypes = mostly(st.just(np.float16), st.sampled_from([np.float32, np.float64, np.int32, np.bool_]))
+elements = mostly(st.floats(0.0, 100.0, width=16), st.floats(allow_nan=True, allow_infinity=True, width=16))
+
+
+@st.composite
+def random_vector(draw, key: str) -> object:
+    """Mostly a float16 vector of the right length; sometimes wrong dtype, shape or no array at all."""
+    length = REPORT_ARRAYS[key].size if key in REPORT_ARRAYS else 3
+    shape = draw(mostly(st.just((length,)), st.sampled_from([(0,), (length + 1,), (2, 2), ()])))
+    dtype = draw(dtypes)
+    if np.dtype(dtype).kind == "f":
+        return draw(hnp.arrays(dtype, shape, elements=elements))
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.sampled_from([[1.0, 2.0], None, "abc", 3.0]))
+    return draw(hnp.arrays(dtype, shape))
+
+
+@st.composite
+def plausible_arrays(draw) -> dict:
+    """The header's arrays with a few edits: values replaced (NaN, inf, negatives, wrong shape or
+    dtype), keys dropped or added."""
+    keys = list(REPORT_ARRAYS)
+    out = dict(REPORT_ARRAYS)
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(mostly(st.just("replace"), st.sampled_from(["drop", "add"])))
+        key = draw(st.sampled_from(keys))
+        if op == "replace":
+            out[key] = draw(random_vector(key))
+        elif op == "drop":
+            out.pop(key, None)
+        else:
+            out[draw(st.sampled_from(["seg/ghost", "sky/backbone.layer1", "x", ""]))] = draw(random_vector("x"))
+    return out
+
+
+@FUZZ
+@given(arrays=plausible_arrays())
+def test_report_with_plausible_arrays(arrays):
+    _accepts_or_rejects("report", REPORT_HEADER, arrays)
+
+
+@FUZZ
+@given(data=st.data())
+def test_report_with_mutated_header_and_arrays(data):
+    header = data.draw(mutated("report") | st.just(REPORT_HEADER))
+    arrays = data.draw(plausible_arrays())
+    _accepts_or_rejects("report", header, arrays)
+
+
+@FUZZ
+@given(
+    values=hnp.arrays(np.float32, 4, elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+    dtype=st.sampled_from(["float16", "float32"]),
+)
+def test_encode_report_never_leaks_other_errors(values, dtype):
+    """Encoding random vectors either round-trips or raises ValidationError (NaN, <0, f16 overflow)."""
+    scores = make_report().scores
+    scores["seg"]["heads.seg.0"] = values
+    report = make_report(scores=scores)
+    try:
+        header, arrays = wire.encode_report(report, dtype)
+    except ValidationError:
+        return
+    back = wire.decode_report(header, arrays, group_sizes=GROUPS)
+    np.testing.assert_allclose(back.scores["seg"]["heads.seg.0"], values, rtol=1e-3, atol=1e-4)
