@@ -166,9 +166,9 @@ def build_graph(model: MultiTaskModel) -> tp.DependencyGraph:
     model.eval()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                model, example_input(model), ignored_layers=model.classifier_layers(), verbose=False
-            )
+            # Classifiers are excluded when listing groups, not when tracing: ignoring them in the trace
+            # would drop the convs that separate the branches of a head and couple their channels.
+            return tp.DependencyGraph().build_dependency(model, example_input(model), verbose=False)
     finally:
         model.train(was_training)
 
