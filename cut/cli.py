@@ -20,8 +20,8 @@ EXIT_ERROR = 1
 PRESETS: dict[str, dict] = {
     "scenes": {"backbone": "resnet18", "width": 0.25, "epochs": 8, "batch_size": 32, "lr": 3e-3,
                "train_samples": 4000, "test_samples": 400, "size": 64},
-    "multifashion": {"backbone": "resnet18", "width": 0.25, "epochs": 3, "batch_size": 64, "lr": 3e-3,
-                     "train_samples": 20000, "test_samples": 2000, "size": 36},
+    "multifashion": {"backbone": "resnet18", "width": 0.25, "epochs": 4, "batch_size": 64, "lr": 3e-3,
+                     "train_samples": 20000, "test_samples": 2000, "size": 36, "stem_pool": False},
 }
 GENERIC_PRESET = {"backbone": "resnet18", "width": 0.5, "epochs": 10, "batch_size": 8, "lr": 1e-3,
                   "train_samples": None, "test_samples": None, "size": None}
@@ -106,7 +106,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     train_set, test_set = load_datasets(args, preset)
     config = ModelConfig(tasks=tuple(train_set.tasks), backbone=preset["backbone"], width=preset["width"],
-                         in_channels=train_set.in_channels, input_size=tuple(train_set.input_size))
+                         in_channels=train_set.in_channels, input_size=tuple(train_set.input_size),
+                         stem_pool=preset.get("stem_pool", True))
     model = build_model(config)
     if args.imagenet:
         loaded = load_mobilenet_imagenet(model, args.imagenet_weights)

@@ -295,7 +295,7 @@ def _cost_model(model: MultiTaskModel, groups: tuple[ChannelGroup, ...]) -> Cost
         if row is not None:
             rows.append(row)
             modelled += sum(p.numel() for p in m.parameters(recurse=False))
-    cols = list(zip(*rows)) if rows else [()] * 8
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
     const = sum(p.numel() for p in model.parameters()) - modelled
     arr = [np.asarray(c, dtype=np.float64) for c in cols]
     return CostModel(

@@ -297,7 +297,7 @@ def _per_batch_grads(model, batches, objectives, params: Mapping[str, nn.Paramet
             for i, (obj, loss_fn) in enumerate(objs):
                 loss = loss_fn(outputs, targets)
                 grads = torch.autograd.grad(loss, tensors, retain_graph=i < len(objs) - 1, allow_unused=True)
-                yield obj, {n: g for n, g in zip(names, grads) if g is not None}
+                yield obj, {n: g for n, g in zip(names, grads, strict=True) if g is not None}
 
 
 def _accumulated_grads(model, batches, objectives, params) -> dict[str, dict[str, torch.Tensor]]:
@@ -377,7 +377,7 @@ def _activation_grads(ctx: ScoringContext, modules: list[str]):
                     grads = torch.autograd.grad(
                         loss, [acts[n] for n in names], retain_graph=i < len(objs) - 1, allow_unused=True
                     )
-                    per_obj[obj] = {n: g for n, g in zip(names, grads) if g is not None}
+                    per_obj[obj] = {n: g for n, g in zip(names, grads, strict=True) if g is not None}
                 yield dict(acts), per_obj
     finally:
         for h in handles:

@@ -162,9 +162,9 @@ class TorchPruningTaylor:
         self.model = request.model
         self.analysis: GroupAnalysis = analyse(self.model)
         self.max_iterations = max_iterations
+        self._meta: tp.pruner.MetaPruner | None = None
 
     def run(self, method_name: str = "taylor-tp") -> PlanResult:
-        r = self.request
         t0 = time.perf_counter()
         saved = {n: p.grad for n, p in self.model.named_parameters()}
         was_training = self.model.training
@@ -189,15 +189,26 @@ class TorchPruningTaylor:
         for images, targets in self.request.batches:
             objective(self.model(images), targets).backward()
 
+    def _pruner(self) -> tp.pruner.MetaPruner:
+        if self._meta is None:
+            self._meta = tp.pruner.MetaPruner(
+                self.model, example_input(self.model), importance=tp.importance.GroupTaylorImportance(),
+                global_pruning=True, pruning_ratio=0.5, ignored_layers=self.model.classifier_layers(),
+                round_to=self.request.options.round_to or None,
+            )
+        return self._meta
+
     def _removed_at(self, ratio: float) -> dict[str, list[int]] | None:
-        """group name -> channels torch-pruning would remove at `ratio` (None: it would empty a group)."""
+        """group name -> channels torch-pruning would remove at `ratio` (None: it would empty a group).
+
+        One MetaPruner (one graph trace) serves every trial: its per-step ratio is reset and its step run
+        in interactive mode, which yields the groups it would prune without pruning them.
+        """
         if ratio <= 0:
             return {}
-        pruner = tp.pruner.MetaPruner(
-            self.model, example_input(self.model), importance=tp.importance.GroupTaylorImportance(),
-            global_pruning=True, pruning_ratio=ratio, ignored_layers=self.model.classifier_layers(),
-            round_to=self.request.options.round_to or None,
-        )
+        pruner = self._pruner()
+        pruner.per_step_pruning_ratio = pruner.iterative_pruning_ratio_scheduler(ratio, pruner.iterative_steps)
+        pruner.current_step = 0
         names = {m: n for n, m in self.model.named_modules()}
         owner = {m: g.name for g in self.analysis.groups for m in g.out_modules}
         removed: dict[str, list[int]] = {}

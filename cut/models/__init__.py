@@ -35,6 +35,7 @@ class ModelConfig:
     head_hidden: int = 64
     head_dilations: tuple[int, ...] = (1, 2)
     cls_hidden: int = 128
+    stem_pool: bool = True  # ResNets: False halves the output stride (for small inputs)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -88,7 +89,8 @@ class MultiTaskModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = BACKBONES[config.backbone](config.width, config.output_stride, config.in_channels)
+        self.backbone = BACKBONES[config.backbone](config.width, config.output_stride, config.in_channels,
+                                                   config.stem_pool)
         c = self.backbone.out_channels
         self.heads = nn.ModuleDict()
         for t in config.tasks:

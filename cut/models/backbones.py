@@ -45,6 +45,8 @@ class DilatedResNet(nn.Module):
     """ResNet trunk without the classifier; layer3/layer4 dilated instead of strided (output stride 8).
 
     With output_stride=16 only layer4 is dilated. `in_channels` allows non-RGB inputs (e.g. grey images).
+    `stem_pool=False` drops the stem's max-pool (halving the output stride) for small inputs such as
+    36x36 canvases, where output stride 8 would leave a 5x5 feature map.
     """
 
     def __init__(
@@ -133,7 +135,10 @@ def _first_strided_conv(block: nn.Module) -> nn.Conv2d | None:
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": lambda width, output_stride, in_channels: DilatedResNet([2, 2, 2, 2], width, output_stride, in_channels),
-    "resnet34": lambda width, output_stride, in_channels: DilatedResNet([3, 4, 6, 3], width, output_stride, in_channels),
-    "mobilenet_v2": lambda width, output_stride, in_channels: DilatedMobileNetV2(width, output_stride, in_channels),
+    "resnet18": lambda width, output_stride, in_channels, stem_pool=True: DilatedResNet(
+        [2, 2, 2, 2], width, output_stride, in_channels, stem_pool),
+    "resnet34": lambda width, output_stride, in_channels, stem_pool=True: DilatedResNet(
+        [3, 4, 6, 3], width, output_stride, in_channels, stem_pool),
+    "mobilenet_v2": lambda width, output_stride, in_channels, stem_pool=True: DilatedMobileNetV2(
+        width, output_stride, in_channels),
 }

@@ -1,0 +1,267 @@
+"""The device side of the federation (Flower ClientApp, Message API).
+
+| message         | the device                                                                 |
+|-----------------|----------------------------------------------------------------------------|
+| query.profile   | works out who it is (node config, or the fleet description in simulation) and replies with its TaskProfile |
+| query.score     | scores its tasks' channels on its private data; replies with an ImportanceReport (scores only) |
+| train.deliver   | verifies, rebuilds and stores its compact model; replies with what it stored (+ one-shot metrics) |
+| train.finetune  | distils its compact model from its dense base on local data; replies with the weights (FedAvg) |
+| evaluate        | per-task metrics of dense vs compact on its held-out data, and both models' sizes |
+
+A request the device refuses (bad spec, wrong base model, tampered weights) gets an error reply whose
+reason names the problem; the server records it and the rest of the federation goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import base, store
+from client.data import LocalData, local_data
+from client.device import Device, FleetSpec, device_from_node_config
+from client.records import (
+    BASE,
+    CONFIG,
+    FLEET,
+    METRICS,
+    PROFILE_REC,
+    REPORT,
+    REQUEST,
+    SCORES,
+    SPEC,
+    WEIGHTS,
+    arrays_record,
+    config_of,
+    field,
+    metrics_record,
+    optional_field,
+    record_arrays,
+    state_arrays,
+)
+from client.scoring import score_and_encode
+from cut.messages import ValidationError
+from cut.models import MultiTaskModel, count_macs, count_params
+from cut.train import evaluate, finetune, make_loader
+from cut.wire import decode_request, encode_profile
+
+ERROR_REFUSED = 1001  # the device refused the request (validation)
+ERROR_FAILED = 1002  # the device failed while handling it
+
+STATE = "cutfl"  # this device's small persistent record in context.state
+
+app = ClientApp()
+
+
+def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn an exception into an error reply with a one-line reason (refused vs failed)."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ValidationError as e:
+            return Message(Error(ERROR_REFUSED, f"refused: {e}"), reply_to=msg)
+        except Exception as e:  # noqa: BLE001 - any failure is reported, the server decides
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return Message(Error(ERROR_FAILED, f"{type(e).__name__}: {first}"[:500]), reply_to=msg)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------- device state
+
+
+def _state(context: Context) -> ConfigRecord:
+    if STATE not in context.state.config_records:
+        context.state[STATE] = ConfigRecord()
+    return context.state.config_records[STATE]
+
+
+def _device(context: Context) -> Device:
+    fleet_json = _state(context).get("fleet")
+    fleet = FleetSpec.from_json(fleet_json) if isinstance(fleet_json, str) and fleet_json else None
+    return device_from_node_config(context.node_config, fleet)
+
+
+def _store_root(device: Device) -> Path:
+    if device.store_root:
+        return Path(device.store_root)
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "cutfl-store" / device.device_id
+
+
+def _stored(context: Context) -> store.StoredModel:
+    state = _state(context)
+    if "model_dir" not in state:
+        raise ValidationError("device: no compact model has been delivered yet")
+    return store.StoredModel(Path(str(state["model_dir"])), str(state["model_sha"]), str(state["plan_hash"]))
+
+
+def _remember_model(context: Context, stored: store.StoredModel) -> None:
+    state = _state(context)
+    state["model_dir"] = str(stored.directory)
+    state["model_sha"] = stored.weights_sha256
+    state["plan_hash"] = stored.plan_hash
+
+
+def _dense(context: Context, device: Device) -> MultiTaskModel:
+    state = _state(context)
+    if "base_sha" not in state:
+        raise ValidationError("device: it has not been sent a base model")
+    return base.decomposed(str(state["base_sha"]), tuple(state["base_tasks"]), str(state["base_dir"]))
+
+
+def _seed(cfg: ConfigRecord, device: Device) -> int:
+    return int(optional_field(cfg, "seed", int, 0)) * 100_003 + device.partition_id
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+
+@app.query("profile")
+@guarded
+def profile(msg: Message, context: Context) -> Message:
+    """Who am I: tasks, budget, class and how many samples I hold."""
+    fleet = msg.content.config_records.get(FLEET)
+    if fleet is not None:
+        _state(context)["fleet"] = field(fleet, "spec", str, "fleet")
+    device = _device(context)
+    data = local_data(device)
+    content = RecordDict({PROFILE_REC: ConfigRecord({"data": encode_profile(device.profile(data.num_train))})})
+    return Message(content, reply_to=msg)
+
+
+@app.query("score")
+@guarded
+def score(msg: Message, context: Context) -> Message:
+    """Per-task channel scores of my decomposed base model on my own data; only scores leave."""
+    device = _device(context)
+    cfg = config_of(msg.content, REQUEST)
+    request = decode_request(field(cfg, "data", bytes, REQUEST), known_tasks=device.tasks)
+    if set(request.tasks) != set(device.tasks):
+        raise ValidationError(f"ScoringRequest: tasks {list(request.tasks)} are not this device's {list(device.tasks)}")
+    model = _receive_base(msg, context, device, cfg, request.base_model_sha256, tuple(request.tasks))
+    data = local_data(device)
+    dtype = optional_field(cfg, "dtype", str, "float16")
+    header, arrays = score_and_encode(device, model, data, request, dtype, _seed(cfg, device))
+    if device.misbehave == "slow":
+        time.sleep(float(context.node_config.get("slow-seconds", 30.0)))
+    content = RecordDict({REPORT: ConfigRecord({"header": header}), SCORES: arrays_record(arrays)})
+    return Message(content, reply_to=msg)
+
+
+def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRecord, sha: str,
+                  tasks: tuple[str, ...]) -> MultiTaskModel:
+    """My decomposed base model, by the transport the server chose (shared path or arrays)."""
+    transport = optional_field(cfg, "transport", str, "path")
+    state = _state(context)
+    if transport == "path":
+        directory = field(cfg, "base_model_dir", str, REQUEST)
+        model = base.decomposed(sha, tasks, directory)
+    elif transport == "arrays":
+        arrays = record_arrays(msg.content.array_records.get(BASE), BASE)
+        directory = str(_store_root(device) / "base" / f"{sha[:16]}-{'-'.join(tasks)}")
+        model = base.from_arrays(sha, tasks, field(cfg, "architecture", str, REQUEST), arrays,
+                                 field(cfg, "base_arrays_sha256", str, REQUEST), Path(directory))
+    else:
+        raise ValidationError(f"ScoringRequest: unknown model transport {transport!r}")
+    state["base_sha"], state["base_dir"], state["base_tasks"] = sha, directory, list(tasks)
+    return model
+
+
+@app.train("deliver")
+@guarded
+def deliver(msg: Message, context: Context) -> Message:
+    """Verify and keep my compact model; report what I stored and, if asked, its one-shot metrics."""
+    device = _device(context)
+    state = _state(context)
+    if "base_sha" not in state:
+        raise ValidationError("device: a model was delivered before any scoring request")
+    spec = field(config_of(msg.content, SPEC), "data", bytes, SPEC)
+    arrays = record_arrays(msg.content.array_records.get(WEIGHTS), WEIGHTS)
+    model, stored = store.receive(spec, arrays, device.tasks, str(state["base_sha"]), _store_root(device))
+    _remember_model(context, stored)
+    metrics: dict[str, float] = {"params": float(count_params(model))}
+    cfg = msg.content.config_records.get(CONFIG)
+    if cfg is not None and optional_field(cfg, "evaluate", bool, False):
+        batch = int(optional_field(cfg, "batch_size", int, 32))
+        metrics.update(metrics_record("compact", _evaluate(model, local_data(device), batch)))
+    reply = RecordDict({CONFIG: ConfigRecord({"weights_sha256": stored.weights_sha256, "plan_hash": stored.plan_hash}),
+                        METRICS: MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)
+
+
+@app.train("finetune")
+@guarded
+def finetune_round(msg: Message, context: Context) -> Message:
+    """K steps of task loss + distillation from my dense base, on my data; reply with the weights."""
+    device = _device(context)
+    cfg = config_of(msg.content, CONFIG)
+    stored = _adopt_weights(msg, context, device, cfg)
+    data = local_data(device)
+    student = copy.deepcopy(store.load(stored))
+    teacher = _dense(context, device)
+    seed = _seed(cfg, device) + 7 * int(optional_field(cfg, "round", int, 0))
+    torch.manual_seed(seed)
+    loader = make_loader(data.train, int(field(cfg, "batch_size", int, CONFIG)), shuffle=True, seed=seed)
+    finetune(student, teacher, loader, steps=int(field(cfg, "steps", int, CONFIG)), lr=float(field(cfg, "lr", float)),
+             distill_weight=float(optional_field(cfg, "distill_weight", float, 0.5)), progress=False)
+    student.eval()
+    content = RecordDict({WEIGHTS: arrays_record(state_arrays(student)),
+                          METRICS: MetricRecord({"num_examples": int(data.num_train)})})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+@guarded
+def evaluate_models(msg: Message, context: Context) -> Message:
+    """Dense vs compact on my held-out samples, per task, plus both models' parameters and MACs."""
+    device = _device(context)
+    cfg = config_of(msg.content, CONFIG)
+    stored = _adopt_weights(msg, context, device, cfg)
+    compact = store.load(stored)
+    dense = _dense(context, device)
+    data = local_data(device)
+    batch = int(optional_field(cfg, "batch_size", int, 32))
+    metrics = {
+        **metrics_record("dense", _evaluate(dense, data, batch)),
+        **metrics_record("compact", _evaluate(compact, data, batch)),
+        "params_dense": float(count_params(dense)),
+        "params_compact": float(count_params(compact)),
+        "macs_dense": float(count_macs(dense)),
+        "macs_compact": float(count_macs(compact)),
+        "eval_samples": float(len(data.eval)),
+    }
+    content = RecordDict({METRICS: MetricRecord(metrics),
+                          CONFIG: ConfigRecord({"weights_sha256": stored.weights_sha256})})
+    return Message(content, reply_to=msg)
+
+
+def _adopt_weights(msg: Message, context: Context, device: Device, cfg: ConfigRecord) -> store.StoredModel:
+    """If the server sent new weights for my plan (a FedAvg result), verify and store them first."""
+    stored = _stored(context)
+    record: ArrayRecord | None = msg.content.array_records.get(WEIGHTS)
+    if record is None:
+        return stored
+    expected = field(cfg, "weights_sha256", str, CONFIG)
+    if expected == stored.weights_sha256:
+        return stored
+    _, stored = store.replace_weights(stored, record_arrays(record, WEIGHTS), expected, _store_root(device))
+    _remember_model(context, stored)
+    return stored
+
+
+def _evaluate(model: MultiTaskModel, data: LocalData, batch_size: int) -> dict[str, dict[str, float]]:
+    return evaluate(model, make_loader(data.eval, batch_size), list(model.task_names))
+
+
+__all__ = ["ERROR_FAILED", "ERROR_REFUSED", "app"]

@@ -1,0 +1,115 @@
+"""Local, per-task channel scoring on a device's private data (CUT step 2, on the device).
+
+The device runs the engine's criterion (`cut.importance.score_tasks`) on its decomposed base model and a
+few batches of its own samples, then prepares what leaves the device:
+
+1. per group, each task's vector is divided by its mean (the engine's `mean` normaliser): scores become
+   scale-free, so devices with different batch counts or loss scales weigh by their sample counts only,
+   and a clip norm means the same thing on every device;
+2. privacy (optional, from the ScoringRequest): each task's concatenated vector is clipped to L2 norm
+   `clip_norm` and gets Gaussian noise of std `noise_multiplier * clip_norm`, then is clamped at 0 (the
+   contract wants non-negative scores; clamping is post-processing, so it costs no privacy);
+3. encoding with `cut.wire.encode_report` (float16 by default: half the upload).
+
+A test device can be told to misbehave (see `client.device.MISBEHAVIOURS`): it then corrupts the encoded
+report the way a buggy or hostile device would, so the server's validation is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from client.data import LocalData
+from client.device import Device
+from cut import fusion
+from cut.importance import score_tasks
+from cut.messages import ImportanceReport, PrivacySettings, ScoringRequest
+from cut.models import MultiTaskModel
+from cut.train import make_loader
+from cut.wire import encode_report
+
+TaskScores = dict[str, dict[str, np.ndarray]]
+
+
+def local_scores(model: MultiTaskModel, data: LocalData, request: ScoringRequest, seed: int) -> TaskScores:
+    """task -> group -> raw per-channel scores on this device's training samples."""
+    loader = make_loader(data.train, batch_size=request.batch_size, shuffle=True, seed=seed)
+    torch.manual_seed(seed)
+    return score_tasks(model, loader, list(request.tasks), request.criterion, request.num_batches, seed)
+
+
+def normalised(scores: TaskScores) -> TaskScores:
+    """Each (task, group) vector divided by its mean: scale-free scores (mean 1 per group)."""
+    return {t: {g: v.astype(np.float32) for g, v in groups.items()}
+            for t, groups in fusion.normalise(scores, "mean").items()}
+
+
+def privatise(scores: TaskScores, privacy: PrivacySettings, seed: int) -> TaskScores:
+    """Clip each task's concatenated vector to `clip_norm` and add Gaussian noise (a no-op when off)."""
+    if privacy.clip_norm <= 0:
+        return scores
+    rng = np.random.default_rng(None if privacy.seed is None else [privacy.seed, seed])
+    out: TaskScores = {}
+    for task, groups in scores.items():
+        names = list(groups)
+        flat = np.concatenate([groups[g].astype(np.float64) for g in names])
+        norm = float(np.linalg.norm(flat))
+        if norm > privacy.clip_norm:
+            flat *= privacy.clip_norm / norm
+        if privacy.noise_multiplier > 0:
+            flat += rng.normal(0.0, privacy.noise_multiplier * privacy.clip_norm, size=flat.shape)
+        flat = np.maximum(flat, 0.0)
+        out[task], start = {}, 0
+        for g in names:
+            n = len(groups[g])
+            out[task][g] = flat[start:start + n].astype(np.float32)
+            start += n
+    return out
+
+
+def build_report(device: Device, request: ScoringRequest, scores: TaskScores, samples_used: int) -> ImportanceReport:
+    return ImportanceReport(
+        device_id=device.device_id,
+        base_model_id=request.base_model_id,
+        base_model_sha256=request.base_model_sha256,
+        scores=scores,
+        samples_used={t: int(samples_used) for t in scores},
+    )
+
+
+def score_and_encode(
+    device: Device, model: MultiTaskModel, data: LocalData, request: ScoringRequest, dtype: str, seed: int
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The whole device side of query.score: scores -> normalise -> privatise -> wire (header, arrays)."""
+    if device.misbehave == "crash":
+        raise RuntimeError("device crashed while scoring (misbehave=crash)")
+    scores = privatise(normalised(local_scores(model, data, request, seed)), request.privacy, seed)
+    samples_used = min(request.num_batches * request.batch_size, data.num_train)
+    report = build_report(device, request, scores, samples_used)
+    if device.misbehave == "unknown-task":
+        first = next(iter(scores))
+        report = build_report(device, request, {**scores, "bogus": scores[first]}, samples_used)
+    header, arrays = encode_report(report, dtype)
+    return header, corrupt(arrays, device.misbehave)
+
+
+def corrupt(arrays: dict[str, np.ndarray], misbehave: str) -> dict[str, np.ndarray]:
+    """What a faulty device sends: NaNs, a truncated vector or negative scores (after encoding, as a
+    device that skips validation would)."""
+    if misbehave not in ("nan", "wrong-length", "negative"):
+        return arrays
+    arrays = dict(arrays)
+    key = sorted(arrays)[0]
+    vec = arrays[key].copy()
+    if misbehave == "nan":
+        vec[0] = np.nan
+    elif misbehave == "negative":
+        vec[0] = -1.0
+    else:
+        vec = vec[:-1]
+    arrays[key] = vec
+    return arrays
+
+
+__all__ = ["build_report", "corrupt", "local_scores", "normalised", "privatise", "score_and_encode"]

@@ -1,0 +1,117 @@
+"""The device's model store: verify what the server delivers, rebuild it, keep it, load it again.
+
+A delivered model is accepted only if (1) its CompactModelSpec decodes and validates, (2) its base model
+sha256 is the one this device scored, (3) its tasks are exactly this device's tasks, (4) the weight arrays
+hash to the spec's `weights_sha256` and (5) they fit the architecture rebuilt from config + plan (no
+pickled module is ever loaded). It is then written as a normal model directory (`cut.checkpoint`), named
+by its weights sha256: a content-addressed store, so simulated devices sharing one disk and one plan keep
+one copy. The device remembers which model is its own in `context.state` (small: a path and hashes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.records import arrays_state
+from cut.checkpoint import load_model, save_model
+from cut.compact import PlanMismatch, apply_plan
+from cut.messages import CompactModelSpec, ValidationError
+from cut.models import ModelConfig, MultiTaskModel, build_model
+from cut.plan import PruningPlan
+from cut.wire import arrays_sha256, decode_spec, verify_weights
+
+_LOADED: OrderedDict[str, MultiTaskModel] = OrderedDict()
+_MAX_LOADED = 8
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    directory: Path
+    weights_sha256: str  # sha256 of the weight arrays (cut.wire.arrays_sha256)
+    plan_hash: str
+
+
+def accept_spec(data: bytes, tasks: Collection[str], base_sha256: str) -> CompactModelSpec:
+    """Decode a delivered spec and check it is for this device's tasks and base model."""
+    spec = decode_spec(data, base_model_sha256=base_sha256)
+    if set(spec.tasks) != set(tasks) or len(spec.tasks) != len(tuple(tasks)):
+        raise ValidationError(f"CompactModelSpec: plan tasks {list(spec.tasks)} are not this device's {sorted(tasks)}")
+    return spec
+
+
+def rebuild(architecture: Mapping, plan: PruningPlan, arrays: Mapping[str, np.ndarray]) -> MultiTaskModel:
+    """Architecture config + plan + weights -> the compact model (eval mode)."""
+    try:
+        config = ModelConfig.from_dict(dict(architecture))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValidationError(f"CompactModelSpec: bad architecture ({e})") from None
+    if tuple(config.task_names) != tuple(plan.tasks):
+        raise ValidationError(f"CompactModelSpec: architecture heads {config.task_names} differ from the plan's")
+    model = build_model(config)
+    try:
+        apply_plan(model, plan)
+        model.load_state_dict(arrays_state(arrays), strict=True)
+    except PlanMismatch as e:
+        raise ValidationError(f"CompactModelSpec: plan does not fit the architecture ({e})") from None
+    except RuntimeError as e:
+        raise ValidationError(f"weights do not fit the compact architecture ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model
+
+
+def store(root: Path, model: MultiTaskModel, plan: PruningPlan, weights_sha256: str) -> StoredModel:
+    """Write the model under `root/models/<weights sha256>` (atomic; idempotent)."""
+    directory = Path(root) / "models" / weights_sha256
+    if not (directory / "model.json").is_file():
+        save_model(directory, model, {"plan": plan.to_dict(), "arrays_sha256": weights_sha256,
+                                      "base_model_sha256": plan.base_model_sha256, "tasks": list(plan.tasks)})
+    _remember(weights_sha256, model)
+    return StoredModel(directory, weights_sha256, plan.plan_hash)
+
+
+def receive(data: bytes, arrays: Mapping[str, np.ndarray], tasks: Collection[str], base_sha256: str,
+            root: Path) -> tuple[MultiTaskModel, StoredModel]:
+    """train.deliver on the device: accept, verify, rebuild and store a compact model."""
+    spec = accept_spec(data, tasks, base_sha256)
+    verify_weights(spec, arrays)
+    model = rebuild(spec.architecture, spec.plan, arrays)
+    return model, store(root, model, spec.plan, spec.weights_sha256)
+
+
+def replace_weights(current: StoredModel, arrays: Mapping[str, np.ndarray], expected_sha256: str,
+                    root: Path) -> tuple[MultiTaskModel, StoredModel]:
+    """New weights for the same plan (FedAvg of a fine-tune round): verify, rebuild, store."""
+    got = arrays_sha256(arrays)
+    if got != expected_sha256:
+        raise ValidationError(f"weights sha256 mismatch: got {got[:12]}..., expected {expected_sha256[:12]}...")
+    _, card = load_model(current.directory)
+    plan = PruningPlan.from_dict(card["plan"])
+    model = rebuild(card["config"], plan, arrays)
+    return model, store(root, model, plan, got)
+
+
+def load(stored: StoredModel) -> MultiTaskModel:
+    """The stored model (cached per process; weights checked against the card when read from disk)."""
+    if stored.weights_sha256 in _LOADED:
+        _LOADED.move_to_end(stored.weights_sha256)
+        return _LOADED[stored.weights_sha256]
+    model, card = load_model(stored.directory)
+    if card.get("arrays_sha256") != stored.weights_sha256:
+        raise ValidationError(f"store: {stored.directory} does not hold weights {stored.weights_sha256[:12]}...")
+    _remember(stored.weights_sha256, model)
+    return model
+
+
+def _remember(sha: str, model: MultiTaskModel) -> None:
+    _LOADED[sha] = model
+    _LOADED.move_to_end(sha)
+    while len(_LOADED) > _MAX_LOADED:
+        _LOADED.popitem(last=False)
+
+
+__all__ = ["StoredModel", "accept_spec", "load", "rebuild", "receive", "replace_weights", "store"]

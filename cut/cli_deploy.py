@@ -1,0 +1,125 @@
+"""`cutfl export` and `cutfl infer`: from a model directory to an ONNX file a device can run, and running it.
+
+Registered by cut/cli.py through `add_commands`. Heavy modules are imported inside the commands:
+`infer` must work on a device that has onnxruntime, numpy and Pillow but no torch, so nothing on its path
+(this module included) may import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FORMATS = ("onnx",)
+MIN_LATENCY_RUNS = 20  # EVALUATION.md: median of >= 20 runs after warm-up
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _latency_runs(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if 0 < value < MIN_LATENCY_RUNS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 0 (skip) or at least {MIN_LATENCY_RUNS} runs")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export, then prove the file is usable: parity with torch, its size, and a latency figure."""
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown export format {args.format!r}; known: {', '.join(FORMATS)}")
+    from cut.checkpoint import load_model
+    from cut.export import check_parity, export_onnx, measure_latency
+    from cut.infer import DEFAULT_ONNX_NAME, sidecar_path
+
+    model, card = load_model(args.model)
+    out = args.out or Path(args.model) / DEFAULT_ONNX_NAME
+    sidecar = export_onnx(model, out, opset=args.opset, dynamic_batch=not args.fixed_batch, card=card,
+                          dataset=args.dataset)
+    diff = check_parity(model, out, n=args.parity_samples, tol=args.tolerance)
+    summary = {
+        "onnx": str(out),
+        "sidecar": str(sidecar_path(out)),
+        "exporter": sidecar["exporter"],
+        "opset": args.opset,
+        "bytes": sidecar["onnx_bytes"],
+        "tasks": sidecar["outputs"],
+        "params": sidecar["model"]["params"],
+        "macs": sidecar["model"]["macs"],
+        "parity_max_abs_diff": diff,
+        "parity_tolerance": args.tolerance,
+    }
+    if sidecar["normalisation"] is None:
+        summary["warning"] = "no known dataset: the sidecar has no normalisation; pass --dataset for `cutfl infer`"
+    if args.latency_runs:
+        latency = measure_latency(out, runs=args.latency_runs, warmup=args.warmup, threads=args.threads)
+        summary["latency_ms"] = {k: round(latency[k], 4) for k in ("median_ms", "iqr_ms", "min_ms")}
+        summary["latency_ms"].update(runs=latency["runs"], threads=latency["threads"], batch=1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Run images through an exported model with onnxruntime only; one JSON line per image on stdout."""
+    from cut.infer import run_inference
+
+    records = run_inference(args.model, args.images, args.out, threads=args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predictions.json").write_text(json.dumps(records, indent=2) + "\n")
+    for record in records:
+        print(json.dumps(record))
+    return 0
+
+
+def add_commands(sub, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Register `export` and `infer` on the `cutfl` subparsers."""
+    p = sub.add_parser("export", help="export a model directory to ONNX (+ sidecar JSON), check parity, time it")
+    p.add_argument("--model", type=Path, required=True, help="model directory (model.json + weights.pt)")
+    p.add_argument("--format", default="onnx", help="export format (only 'onnx' for now)")
+    p.add_argument("--out", type=Path, help="ONNX file to write (default MODEL/model.onnx; sidecar at OUT.json)")
+    p.add_argument("--opset", type=_int_at_least(17), default=17, help="ONNX opset version (>= 17)")
+    p.add_argument("--dataset", help="dataset whose pixel normalisation goes into the sidecar "
+                                     "(default: the one named in the model card)")
+    p.add_argument("--fixed-batch", action="store_true", help="export with batch size fixed to 1 (default: dynamic)")
+    p.add_argument("--parity-samples", type=_int_at_least(1), default=4,
+                   help="random images compared between torch and onnxruntime")
+    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+                   help="largest allowed max-abs torch/onnxruntime difference")
+    p.add_argument("--latency-runs", type=_latency_runs, default=50,
+                   help=f"timed onnxruntime runs at batch 1 (0 skips; else >= {MIN_LATENCY_RUNS})")
+    p.add_argument("--warmup", type=_int_at_least(0), default=10, help="untimed runs before timing")
+    p.add_argument("--threads", type=_int_at_least(1), default=1, help="onnxruntime intra-op threads for timing")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("infer", help="run images through an exported ONNX model (needs no torch)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="an .onnx file with its .onnx.json sidecar, or a model directory holding model.onnx")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPG images to run")
+    p.add_argument("--out", type=Path, default=Path("cutfl-infer"),
+                   help="directory for <image>.<task>.png files and predictions.json (default ./cutfl-infer)")
+    p.add_argument("--threads", type=_int_at_least(1), help="onnxruntime intra-op threads (default: its own)")
+    p.set_defaults(func=cmd_infer)
+
+
+__all__ = ["add_commands", "cmd_export", "cmd_infer"]

@@ -1,0 +1,181 @@
+"""`cutfl prune` and `cutfl bench`: the CUT engine on one machine (no Flower)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _fractions(text: str) -> list[float]:
+    out = []
+    for item in _csv(text):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"budget {value} is outside (0, 1]")
+        out.append(value)
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    """'3' -> seeds 0, 1, 2; '0,5,9' -> those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in _csv(text)]
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed count or a list of seeds") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return list(range(n))
+
+
+def _load_base(model_dir: Path, dataset: str | None):
+    from cut.checkpoint import load_model
+
+    if not model_dir.exists() and dataset and model_dir == Path("runs") / f"pretrained-{dataset}":
+        from cut.cli import main as cli_main
+
+        print(f"no model at {model_dir}: pre-training one (cutfl pretrain --dataset {dataset})", file=sys.stderr)
+        if cli_main(["pretrain", "--dataset", dataset, "--out", str(model_dir)]) != 0:
+            raise ValueError(f"pre-training {dataset} failed")
+    return load_model(model_dir)
+
+
+def _loaders(card: dict, dataset: str, train_samples: int, test_samples: int, batch_size: int, seed: int,
+             data_dir: str | None):
+    from cut.data import get_dataset
+    from cut.train import make_loader
+
+    same = dataset == card.get("dataset")
+    train_kwargs = dict(card.get("dataset_kwargs", {})) if same else {}
+    test_kwargs = dict(card.get("test_kwargs", {})) if same else {}
+    if data_dir:
+        train_kwargs["data_dir"] = test_kwargs["data_dir"] = data_dir
+    train_kwargs["num_samples"] = train_samples
+    test_kwargs["num_samples"] = test_samples
+    train = get_dataset(dataset, "train", **train_kwargs)
+    test = get_dataset(dataset, "test", **test_kwargs)
+    return make_loader(train, batch_size, shuffle=True, seed=seed), make_loader(test, 64)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from cut.checkpoint import save_model
+    from cut.tasks import parse_task_list
+
+    from cut.pipeline import prune
+
+    base, card = _load_base(args.model, None)
+    tasks = parse_task_list(args.tasks, list(base.config.tasks))
+    dataset = args.dataset or card.get("dataset")
+    if not dataset:
+        raise ValueError(f"{args.model}: the card names no dataset; pass --dataset")
+    train_loader, test_loader = _loaders(card, dataset, args.train_samples, args.test_samples, args.batch_size,
+                                         args.seed, args.data_dir)
+    kind, value = args.budget
+    compact, plan, report = prune(
+        base, tasks, kind, value, method=args.method, criterion=args.criterion, fusion=args.fusion,
+        train_loader=train_loader, test_loader=test_loader, num_batches=args.num_batches,
+        finetune_steps=args.finetune_steps, seed=args.seed, base_sha256=card["weights_sha256"],
+        progress=not args.quiet,
+    )
+    out: Path = args.out
+    save_model(out, compact, {
+        "dataset": dataset, "dataset_kwargs": card.get("dataset_kwargs", {}), "test_kwargs": card.get("test_kwargs", {}),
+        "plan": plan.to_dict(), "base_model_sha256": card["weights_sha256"], "base_model_dir": str(args.model),
+        "metrics": report.get("metrics", {}).get("compact"),
+    })
+    (out / "plan.json").write_text(plan.to_json())
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    summary = {k: report.get(k) for k in ("tasks", "method", "budget", "params", "macs", "bytes", "params_ratio",
+                                          "macs_ratio", "params_ratio_full", "macs_ratio_full", "delta_m")}
+    summary["seconds_prune"] = report["seconds"].get("prune_total")
+    summary["out"] = str(out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cut.bench import run_bench
+    from cut.tasks import parse_task_list
+
+    model_dir = args.model or Path("runs") / f"pretrained-{args.dataset}"
+    base, card = _load_base(model_dir, args.dataset)
+    tasks = parse_task_list(args.tasks, list(base.config.tasks)) if args.tasks else base.task_names[:2]
+    from cut.methods import METHODS
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {','.join(unknown)}; known: {','.join(METHODS)}")
+    same = args.dataset == card.get("dataset")
+    kwargs = {k: v for k, v in (card.get("dataset_kwargs", {}) if same else {}).items() if k != "num_samples"}
+    if args.data_dir:
+        kwargs["data_dir"] = args.data_dir
+    results = run_bench(
+        base, args.dataset, tasks, budgets=args.budgets, methods=args.methods, seeds=args.seeds,
+        finetune_steps=args.finetune_steps, out_dir=args.out, structured=not args.unstructured,
+        sparsity=args.budgets if args.unstructured else None, budget_kind=args.budget_kind,
+        dataset_kwargs=kwargs, train_samples=args.train_samples, test_samples=args.test_samples,
+        num_batches=args.num_batches, criterion=args.criterion, fusion=args.fusion, progress=not args.quiet,
+        base_sha256=card["weights_sha256"],
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/delta_m_vs_budget.png",
+          file=sys.stderr)
+    del results
+    return 0
+
+
+def add_commands(sub, parser_class) -> None:
+    from cut.cli import parse_budget
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--criterion", help="importance criterion (taylor, fisher, act-grad, magnitude, random; "
+                                           "default: the method's)")
+        p.add_argument("--fusion", help="fusion rule for shared groups (max, mean, weighted, union; default: the method's)")
+        p.add_argument("--num-batches", type=int, default=4, help="batches of data used for scoring")
+        p.add_argument("--finetune-steps", type=int, default=0, help="distillation fine-tune steps after pruning (0: none)")
+        p.add_argument("--train-samples", type=int, default=512, help="training samples available for scoring/fine-tune")
+        p.add_argument("--test-samples", type=int, default=256, help="test samples to evaluate on")
+        p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
+        p.add_argument("--quiet", action="store_true", help="no progress display")
+
+    p = sub.add_parser("prune", help="prune a model for a task subset and budget (one compact model)")
+    p.add_argument("--model", type=Path, required=True, help="pre-trained model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated tasks to keep, e.g. seg,depth")
+    p.add_argument("--budget", type=parse_budget, default=("params", 0.5),
+                   help="what may remain of the decomposed model: params=F or macs=F with F in (0, 1]")
+    p.add_argument("--method", default="cut", help="cut, disparse, snip, magnitude, random or taylor-tp")
+    p.add_argument("--dataset", help="dataset for scoring and evaluation (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for scoring and fine-tuning")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and random choices")
+    p.add_argument("--out", type=Path, required=True, help="directory for the compact model and report.json")
+    common(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("bench", help="compare pruning methods over budgets and seeds (one table + plot)")
+    p.add_argument("--dataset", default="scenes", help="dataset (its pre-trained model: runs/pretrained-DATASET)")
+    p.add_argument("--model", type=Path, help="pre-trained model directory (default runs/pretrained-DATASET)")
+    p.add_argument("--tasks", help="comma-separated selected tasks (default: the first two)")
+    p.add_argument("--budgets", type=_fractions, default=[0.3, 0.5, 0.7],
+                   help="fractions that may remain, e.g. 0.3,0.5,0.7 (sparsities with --unstructured: kept fraction "
+                        "is 1 - value)")
+    p.add_argument("--budget-kind", choices=["params", "macs"], default="params", help="what the budget counts")
+    p.add_argument("--methods", type=_csv, default=["random", "magnitude", "snip", "disparse", "taylor-tp", "cut"],
+                   help="comma-separated methods")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="number of seeds (N -> 0..N-1) or a list")
+    p.add_argument("--unstructured", action="store_true", help="per-weight masks; --budgets are then sparsities")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    common(p)
+    p.set_defaults(func=cmd_bench)

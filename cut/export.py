@@ -1,0 +1,308 @@
+"""ONNX export of a MultiTaskModel, with the sidecar a device needs, a parity check and a latency figure.
+
+A device runs the compact model with onnxruntime only (see `cut.infer`), so everything torch knew
+implicitly must travel next to the `.onnx` file in a small JSON sidecar (`model.onnx.json`): the input
+layout and size, how pixels are normalised (the dataset's constants, `NORMALISATION`), and per task its
+kind, class names and output name. Output names are the task names; the input is called `image`.
+
+Exporter: torch 2.14 defaults to the torch.export-based ("dynamo") exporter, which needs the `onnxscript`
+package; the TorchScript-based exporter (`dynamo=False`) needs nothing beyond torch, runs offline and
+gives results within 1e-7 of torch on our models, so it is used whenever torch still ships it.
+The legacy exporter runs a forward pass in the module's *current* mode, so export always works on an
+eval-mode deep copy: the caller's model (its mode and BatchNorm statistics) is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cut.infer import SIDECAR_FORMAT, file_sha256, sidecar_path
+from cut.models import MultiTaskModel, count_macs, count_params
+
+INPUT_NAME = "image"
+MIN_OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+# How each dataset turns 8-bit pixels into the network's input, per channel c in `colour` order:
+#     x[c] = (pixel[c] * scale - mean[c]) / std[c]
+# Kept in step with cut/data/*.py (tests/test_export.py checks the constants against those modules).
+_NYU_BGR_MEAN = [104.00698793, 116.66876762, 122.67891434]
+_NYU_STD = 58.0
+NORMALISATION: dict[str, dict[str, Any]] = {
+    "scenes": {"colour": "rgb", "scale": 1 / 255, "mean": [0.45] * 3, "std": [0.25] * 3},
+    "multifashion": {"colour": "grey", "scale": 1 / 255, "mean": [0.2751], "std": [0.3616]},
+    "nyuv2": {"colour": "bgr", "scale": 1.0, "mean": _NYU_BGR_MEAN, "std": [_NYU_STD] * 3},
+    "cityscapes": {"colour": "bgr", "scale": 1.0, "mean": _NYU_BGR_MEAN, "std": [_NYU_STD] * 3},
+    "taskonomy": {"colour": "bgr", "scale": 1.0, "mean": _NYU_BGR_MEAN, "std": [_NYU_STD] * 3},
+}
+_FORMULA = "x[c] = (pixel[c] * scale - mean[c]) / std[c], pixel in 0..255, channels in `colour` order, NCHW"
+
+# What each task kind's output tensor means, for someone writing a device app.
+_OUTPUT_MEANING = {
+    "segmentation": "N x C x H x W class logits; argmax over C gives the class of each pixel",
+    "depth": "N x 1 x H x W depth in the dataset's units (scenes: metres along the optical axis)",
+    "normals": "N x 3 x H x W surface normal (x, y, z), not unit length: normalise per pixel",
+    "classification": "N x C class logits; softmax over C gives probabilities",
+}
+
+
+class _TupleOutputs(nn.Module):
+    """ONNX export needs a fixed output order: the dict output becomes a tuple in task order."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(model.task_names)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(image)
+        return tuple(out[n] for n in self.names)
+
+
+def normalisation_for(dataset: str | None, dataset_kwargs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The sidecar's normalisation block for `dataset` (None when unknown: infer then refuses to guess)."""
+    if dataset not in NORMALISATION:
+        return None
+    norm = copy.deepcopy(NORMALISATION[dataset])
+    std = (dataset_kwargs or {}).get("std")
+    if norm["colour"] == "bgr" and std:  # the real-data loaders take the divisor as a keyword
+        norm["std"] = [float(std)] * 3
+    return {"dataset": dataset, **norm, "formula": _FORMULA}
+
+
+def export_onnx(
+    model: MultiTaskModel,
+    path: str | Path,
+    opset: int = MIN_OPSET,
+    batch: int = 1,
+    dynamic_batch: bool = True,
+    card: dict[str, Any] | None = None,
+    dataset: str | None = None,
+) -> dict[str, Any]:
+    """Write `path` (ONNX, one output per task) and its sidecar; returns the sidecar dict.
+
+    `card` (a model card, see cut.checkpoint) supplies the dataset and provenance; `dataset` overrides it.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: use {MIN_OPSET} or newer")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"{path}: the output file name must end in .onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    names = list(model.task_names)
+    wrapper = _TupleOutputs(copy.deepcopy(model)).eval()
+    example = torch.zeros(batch, cfg.in_channels, *cfg.input_size)
+    axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        exporter = _export(wrapper, example, tmp, opset, names, axes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    check_onnx(path, names)
+    card = card or {}
+    dataset = dataset or card.get("dataset")
+    sidecar = _sidecar(model, path, opset, batch, dynamic_batch, exporter,
+                       normalisation_for(dataset, card.get("dataset_kwargs")), card)
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def _export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str],
+            axes: dict[str, dict[int, str]] | None) -> str:
+    """Run torch.onnx.export offline; returns which exporter produced the file ("torchscript" or "dynamo")."""
+    kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=names, opset_version=opset,
+                                  do_constant_folding=True)
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its deprecation
+        try:
+            torch.onnx.export(wrapper, (example,), str(path), dynamic_axes=axes, **legacy, **kwargs)
+            return "torchscript"
+        except Exception as legacy_error:
+            if importlib.util.find_spec("onnxscript") is None:
+                raise
+            try:
+                return _export_dynamo(wrapper, example, path, kwargs, axes is not None)
+            except Exception:
+                raise legacy_error from None
+
+
+def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, path: Path, kwargs: dict[str, Any],
+                   dynamic: bool) -> str:
+    """Fallback for a torch whose TorchScript exporter fails or is gone: needs `onnxscript` (still offline).
+
+    Not exercised here (this environment has no onnxscript); the result still goes through check_onnx.
+    """
+    shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic else None
+    torch.onnx.export(wrapper, (example,), str(path), dynamo=True, dynamic_shapes=shapes, external_data=False,
+                      **kwargs)
+    return "dynamo"
+
+
+def check_onnx(path: str | Path, task_names: list[str]) -> None:
+    """onnx.checker (full, with shape inference) plus our own contract: input `image`, outputs = tasks."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(task_names):
+        raise RuntimeError(f"{path}: exported inputs {inputs} / outputs {outputs}, expected "
+                           f"[{INPUT_NAME!r}] / {task_names}")
+
+
+def _sidecar(model: MultiTaskModel, path: Path, opset: int, batch: int, dynamic_batch: bool, exporter: str,
+             normalisation: dict[str, Any] | None, card: dict[str, Any]) -> dict[str, Any]:
+    cfg = model.config
+    height, width = cfg.input_size
+    tasks = []
+    for spec in cfg.tasks:
+        dense = spec.task_kind.dense
+        tasks.append({
+            "name": spec.name,
+            "kind": spec.kind,
+            "output": spec.name,
+            "num_classes": spec.num_classes if spec.kind in ("segmentation", "classification") else 0,
+            "class_names": list(spec.class_names),
+            "shape": ["batch" if dynamic_batch else batch, spec.out_channels, *([height, width] if dense else [])],
+            "meaning": _OUTPUT_MEANING[spec.kind],
+        })
+    plan = card.get("plan") or {}
+    return {
+        "format": SIDECAR_FORMAT,
+        "onnx_file": path.name,
+        "onnx_sha256": file_sha256(path),
+        "onnx_bytes": path.stat().st_size,
+        "opset": opset,
+        "exporter": exporter,
+        "torch_version": torch.__version__.split("+")[0],
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "layout": "NCHW",
+            "batch": "dynamic" if dynamic_batch else batch,
+            "channels": cfg.in_channels,
+            "height": height,
+            "width": width,
+        },
+        "normalisation": normalisation,
+        "tasks": tasks,
+        "outputs": [t["name"] for t in tasks],
+        "model": {
+            "backbone": cfg.backbone,
+            "width": cfg.width,
+            "params": count_params(model),
+            "macs": count_macs(model),
+            "weights_sha256": card.get("weights_sha256", ""),
+            "plan_hash": plan.get("plan_hash", ""),
+            "budget": {"kind": plan["budget_kind"], "value": plan["budget_value"]} if plan else None,
+        },
+    }
+
+
+def _session(onnx_path: str | Path, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: MultiTaskModel, onnx_path: str | Path, n: int = 4, seed: int = 0,
+                 tol: float | None = None) -> float:
+    """Max abs difference between torch and onnxruntime over `n` random N(0,1) images, every task.
+
+    Images run one at a time (batch 1 is what a device runs, and works for fixed-batch exports too).
+    With `tol`, a larger difference (or a non-finite output) raises ValueError.
+    """
+    if n < 1:
+        raise ValueError(f"parity needs n >= 1 images, got {n}")
+    cfg = model.config
+    names = list(model.task_names)
+    reference = copy.deepcopy(model).eval()
+    session = _session(onnx_path)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(n):
+        image = torch.randn(1, cfg.in_channels, *cfg.input_size, generator=generator)
+        with torch.no_grad():
+            expected = reference(image)
+        got = dict(zip(names, session.run(names, {INPUT_NAME: image.numpy()}), strict=True))
+        for name in names:
+            if not np.isfinite(got[name]).all():
+                raise ValueError(f"{onnx_path}: onnxruntime output {name!r} has non-finite values")
+            worst = max(worst, float(np.abs(got[name] - expected[name].numpy()).max()))
+    if tol is not None and not worst <= tol:
+        raise ValueError(f"{onnx_path}: torch/onnxruntime parity {worst:.3g} exceeds the tolerance {tol:g}")
+    return worst
+
+
+def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, threads: int = 1,
+                    seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime CPU latency of one batch-1 forward: median and IQR in ms over `runs` after `warmup`.
+
+    One intra-op thread by default: closest to a small device core and least disturbed by a busy host.
+    """
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
+    session = _session(onnx_path, threads)
+    spec = session.get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in spec.shape]
+    shape[0] = 1
+    feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
+    return {
+        "median_ms": statistics.median(times),
+        "iqr_ms": q3 - q1,
+        "p25_ms": q1,
+        "p75_ms": q3,
+        "min_ms": min(times),
+        "runs": runs,
+        "warmup": warmup,
+        "threads": threads,
+        "input_shape": shape,
+        "times_ms": times,  # raw, so a benchmark can pool several rounds
+    }
+
+
+__all__ = [
+    "INPUT_NAME",
+    "NORMALISATION",
+    "PARITY_TOLERANCE",
+    "SIDECAR_FORMAT",
+    "check_onnx",
+    "check_parity",
+    "export_onnx",
+    "file_sha256",
+    "measure_latency",
+    "normalisation_for",
+    "sidecar_path",
+]

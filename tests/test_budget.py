@@ -1,0 +1,95 @@
+"""Budget planning: never above the budget, within 1 point of it, min channels and rounding respected."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cut.budget import BudgetOptions, allowed_counts, check_budget, make_plan, min_keep, uniform_keep_fraction
+from cut.data.scenes import scene_tasks
+from cut.groups import analyse
+from cut.models import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    # The default architecture (resnet18 width 0.25, 64-channel heads) at a small input: costs only need shapes.
+    return analyse(build_model(ModelConfig(tasks=scene_tasks(), input_size=(32, 32))).decompose(["seg", "normals"]))
+
+
+def random_scores(analysis, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {g.name: rng.random(g.size).astype(np.float32) for g in analysis.groups}
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+@pytest.mark.parametrize("budget", [0.2, 0.3, 0.45, 0.6, 0.75, 0.9])
+def test_reached_fraction_is_never_above_and_within_one_point(analysis, kind, budget):
+    plan = make_plan(random_scores(analysis, int(budget * 100)), analysis, kind, budget)
+    counts = {g: len(v) for g, v in plan.keep.items()}
+    reached = analysis.cost.cost(kind, analysis.cost.counts_vector(counts)) / analysis.cost.dense(kind)
+    assert reached <= budget
+    assert reached >= budget - 0.01
+    assert math.isclose(plan.achieved[f"{kind}_ratio"], reached)
+    options = BudgetOptions()
+    for name, kept in counts.items():
+        size = analysis.sizes[name]
+        assert kept >= min_keep(size, options)
+        assert kept % options.round_to == 0 or kept == size
+
+
+def test_custom_minimum_and_rounding(analysis):
+    options = BudgetOptions(min_channels=4, min_fraction=0.5, round_to=4)
+    plan = make_plan(random_scores(analysis), analysis, "params", 0.3, options)
+    for name, kept in plan.keep.items():
+        size = analysis.sizes[name]
+        assert len(kept) >= min(4, math.ceil(0.5 * size))
+        assert len(kept) % 4 == 0 or len(kept) == size
+
+
+def test_allowed_counts():
+    opts = BudgetOptions()
+    assert allowed_counts(16, opts).tolist() == [8, 16]  # min keep is min(8, 25% of 16) = 4 -> first multiple 8
+    assert allowed_counts(12, opts).tolist() == [8, 12]
+    assert allowed_counts(4, opts).tolist() == [4]  # too small to round: only the whole group
+    assert allowed_counts(64, BudgetOptions(round_to=1, min_channels=8)).tolist() == list(range(8, 65))
+
+
+def test_plan_keeps_the_best_scored_channels(analysis):
+    scores = random_scores(analysis, 5)
+    plan = make_plan(scores, analysis, "params", 0.5)
+    for name, kept in plan.keep.items():
+        order = np.argsort(-scores[name], kind="stable")
+        assert set(kept) == set(order[: len(kept)].tolist())
+
+
+def test_full_budget_keeps_everything_and_plan_metadata(analysis):
+    plan = make_plan(random_scores(analysis), analysis, "params", 1.0, base_model_sha256="ab" * 32, method="snip")
+    assert plan.pruned_groups() == {}
+    assert plan.tasks == ("seg", "normals") and plan.method == "snip" and plan.budget_value == 1.0
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, float("nan"), float("inf")])
+def test_budgets_outside_the_unit_interval_are_rejected(analysis, value):
+    with pytest.raises(ValueError, match="budget value"):
+        make_plan(random_scores(analysis), analysis, "params", value)
+    with pytest.raises(ValueError, match="budget value"):
+        check_budget("macs", value)
+
+
+def test_unknown_kind_and_unreachable_budget_are_rejected(analysis):
+    with pytest.raises(ValueError, match="budget kind"):
+        make_plan(random_scores(analysis), analysis, "latency", 0.5)
+    with pytest.raises(ValueError, match="unreachable"):
+        make_plan(random_scores(analysis), analysis, "params", 0.001)
+    with pytest.raises(ValueError, match="no fused scores"):
+        make_plan({}, analysis, "params", 0.5)
+
+
+def test_uniform_keep_fraction_meets_the_budget(analysis):
+    r = uniform_keep_fraction(analysis, "params", 0.25)
+    assert 0.4 < r < 0.6  # params shrink roughly with the square of the channel fraction
+    cost = analysis.cost
+    assert cost.cost("params", cost.group_sizes * r) <= 0.25 * cost.dense_params
