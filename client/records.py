@@ -67,7 +67,7 @@ def optional_field(record: ConfigRecord, key: str, kind: type, default, where: s
 
 def arrays_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """Named numpy arrays -> ArrayRecord (names kept, so '<task>/<group>' keys travel as they are)."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+    return ArrayRecord({name: Array(np.require(value, requirements="C")) for name, value in arrays.items()})
 
 
 def record_arrays(record: ArrayRecord | None, where: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:

@@ -10,9 +10,10 @@ Outputs, in `out_dir`:
   metric means, then the dense reference;
 - delta_m_vs_budget.png: one line per method with std error bars.
 
-Structured mode prunes channels to a params/MACs budget; unstructured mode (`structured=False`) masks
-the given `sparsity` fractions of all Conv2d/Linear weights (DiSparse's setting), where `budget` in a row
-is the sparsity.
+By default every pruned model gets its BatchNorm statistics re-estimated on its scoring batches
+(`recalibrate_bn`), the same for every method. Structured mode prunes channels to a params/MACs budget;
+unstructured mode (`structured=False`) masks the given `sparsity` fractions of all Conv2d/Linear weights
+(DiSparse's setting), where `budget` in a row is the sparsity.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from cut.budget import BudgetOptions
-from cut.compact import apply_masks, weight_sparsity
+from cut.compact import apply_masks, recalibrate_batchnorm, weight_sparsity
 from cut.importance import take_batches
 from cut.methods import masks_with
 from cut.metrics import mean_std
@@ -72,6 +73,7 @@ def run_bench(
     normalise: str | None = None,
     options: BudgetOptions | None = None,
     finetune_lr: float = 1e-3,
+    recalibrate_bn: bool = True,
     base_sha256: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -93,10 +95,12 @@ def run_bench(
                     if structured:
                         row = _structured_row(base_model, tasks, budget_kind, level, method, criterion, fusion,
                                               normalise, train_loader, test_loader, num_batches, finetune_steps,
-                                              seed, base_sha256, options, eval_batches, dense, finetune_lr)
+                                              seed, base_sha256, options, eval_batches, dense, finetune_lr,
+                                              recalibrate_bn)
                     else:
                         row = _unstructured_row(decomposed, tasks, level, method, train_loader, test_loader,
-                                                num_batches, finetune_steps, seed, eval_batches, dense, finetune_lr)
+                                                num_batches, finetune_steps, seed, eval_batches, dense, finetune_lr,
+                                                recalibrate_bn)
                     rows.append(row)
                     advance(1, f"{method} @ {level:g} seed {seed}: delta_m={row['delta_m']:+.2f}")
     config = {
@@ -104,7 +108,8 @@ def run_bench(
         "methods": list(methods), "seeds": list(seeds), "finetune_steps": finetune_steps,
         "structured": structured, "num_batches": num_batches, "batch_size": batch_size,
         "train_samples": len(train_set), "test_samples": len(test_set), "criterion": criterion, "fusion": fusion,
-        "normalise": normalise, "base_sha256": base_sha256, "seconds": time.perf_counter() - started,
+        "normalise": normalise, "bn_recalibration": recalibrate_bn, "base_sha256": base_sha256,
+        "seconds": time.perf_counter() - started,
         "dataset": dataset if isinstance(dataset, str) else type(train_set).__name__,
     }
     results = {"config": config, "dense": dense, "rows": rows}
@@ -120,11 +125,11 @@ def _as_list(x: float | Sequence[float]) -> list[float]:
 
 def _structured_row(base_model, tasks, kind, budget, method, criterion, fusion, normalise, train_loader,
                     test_loader, num_batches, finetune_steps, seed, base_sha256, options, eval_batches, dense,
-                    finetune_lr) -> dict[str, Any]:
+                    finetune_lr, recalibrate_bn) -> dict[str, Any]:
     _, plan, report = prune(
         base_model, list(tasks), kind, budget, method, criterion, fusion, train_loader, test_loader, num_batches,
         finetune_steps, seed, base_sha256, options=options, normalise=normalise, eval_batches=eval_batches,
-        dense_metrics=dense, finetune_lr=finetune_lr, progress=False,
+        dense_metrics=dense, finetune_lr=finetune_lr, recalibrate_bn=recalibrate_bn, progress=False,
     )
     return {
         "method": method, "budget": budget, "seed": seed, "delta_m": report["delta_m"],
@@ -136,13 +141,15 @@ def _structured_row(base_model, tasks, kind, budget, method, criterion, fusion, 
 
 
 def _unstructured_row(decomposed, tasks, sparsity, method, train_loader, test_loader, num_batches,
-                      finetune_steps, seed, eval_batches, dense, finetune_lr) -> dict[str, Any]:
+                      finetune_steps, seed, eval_batches, dense, finetune_lr, recalibrate_bn) -> dict[str, Any]:
     t = time.perf_counter()
     batches = take_batches(train_loader, num_batches)
     model = copy.deepcopy(decomposed)
     masks = masks_with(method, model, batches, list(tasks), sparsity, seed)
     handles = apply_masks(model, masks)
     pruning_seconds = time.perf_counter() - t
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, batches)
     if finetune_steps > 0:
         finetune(model, decomposed, train_loader, finetune_steps, lr=finetune_lr, progress=False)
     for h in handles:

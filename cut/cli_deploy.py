@@ -45,10 +45,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _require(modules: tuple[str, ...], command: str, install: str) -> None:
+    """One clear line instead of a traceback when a device-only install lacks what a command needs."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"`cutfl {command}` needs {', '.join(missing)}, not installed here: {install}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export, then prove the file is usable: parity with torch, its size, and a latency figure."""
     if args.format not in FORMATS:
         raise ValueError(f"unknown export format {args.format!r}; known: {', '.join(FORMATS)}")
+    _require(("torch", "onnx", "onnxruntime"), "export", "install the full cut-fl package (a device-only "
+             "install can run `cutfl infer` only)")
     from cut.checkpoint import load_model
     from cut.export import check_parity, export_onnx, measure_latency
     from cut.infer import DEFAULT_ONNX_NAME, sidecar_path
@@ -82,6 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Run images through an exported model with onnxruntime only; one JSON line per image on stdout."""
+    _require(("onnxruntime", "numpy", "PIL"), "infer", "pip install onnxruntime numpy pillow")
     from cut.infer import run_inference
 
     records = run_inference(args.model, args.images, args.out, threads=args.threads)
@@ -98,18 +110,18 @@ def add_commands(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", type=Path, required=True, help="model directory (model.json + weights.pt)")
     p.add_argument("--format", default="onnx", help="export format (only 'onnx' for now)")
     p.add_argument("--out", type=Path, help="ONNX file to write (default MODEL/model.onnx; sidecar at OUT.json)")
-    p.add_argument("--opset", type=_int_at_least(17), default=17, help="ONNX opset version (>= 17)")
+    p.add_argument("--opset", type=_int_at_least(17), default=17, help="ONNX opset version, >= 17 (default 17)")
     p.add_argument("--dataset", help="dataset whose pixel normalisation goes into the sidecar "
                                      "(default: the one named in the model card)")
     p.add_argument("--fixed-batch", action="store_true", help="export with batch size fixed to 1 (default: dynamic)")
     p.add_argument("--parity-samples", type=_int_at_least(1), default=4,
-                   help="random images compared between torch and onnxruntime")
+                   help="random images compared between torch and onnxruntime (default 4)")
     p.add_argument("--tolerance", type=_positive_float, default=1e-4,
-                   help="largest allowed max-abs torch/onnxruntime difference")
+                   help="largest allowed max abs torch/onnxruntime difference (default 1e-4)")
     p.add_argument("--latency-runs", type=_latency_runs, default=50,
-                   help=f"timed onnxruntime runs at batch 1 (0 skips; else >= {MIN_LATENCY_RUNS})")
-    p.add_argument("--warmup", type=_int_at_least(0), default=10, help="untimed runs before timing")
-    p.add_argument("--threads", type=_int_at_least(1), default=1, help="onnxruntime intra-op threads for timing")
+                   help=f"timed onnxruntime runs at batch 1: 0 skips, else >= {MIN_LATENCY_RUNS} (default 50)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=10, help="untimed warm-up runs before timing (default 10)")
+    p.add_argument("--threads", type=_int_at_least(1), default=1, help="onnxruntime intra-op threads for timing (default 1)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("infer", help="run images through an exported ONNX model (needs no torch)")

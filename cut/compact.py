@@ -150,6 +150,32 @@ __all__ = [
     "apply_plan",
     "check_plan",
     "compact_model",
+    "recalibrate_batchnorm",
     "unstructured_masks",
     "weight_sparsity",
 ]
+
+
+def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on `batches` (no weight changes, no gradients).
+
+    Pruning channels shifts the statistics that downstream BatchNorms normalise with (the residual stream
+    loses channels); a few forward passes in train mode with a cumulative average put them right again.
+    Returns the model in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the given batches
+    device = next(model.parameters()).device
+    model.train()
+    try:
+        with torch.no_grad():
+            for images, _ in batches:
+                model(images.to(device))
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return model

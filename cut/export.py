@@ -6,8 +6,9 @@ layout and size, how pixels are normalised (the dataset's constants, `NORMALISAT
 kind, class names and output name. Output names are the task names; the input is called `image`.
 
 Exporter: torch 2.14 defaults to the torch.export-based ("dynamo") exporter, which needs the `onnxscript`
-package; the TorchScript-based exporter (`dynamo=False`) needs nothing beyond torch, runs offline and
-gives results within 1e-7 of torch on our models, so it is used whenever torch still ships it.
+package (not installed here); the TorchScript-based exporter (`dynamo=False`) needs nothing beyond torch,
+runs offline and matches torch to ~1e-7 (random weights) / ~5e-6 (pre-trained scenes model) max abs
+difference, so it is used whenever it works; the dynamo exporter is only a fallback.
 The legacy exporter runs a forward pass in the module's *current* mode, so export always works on an
 eval-mode deep copy: the caller's model (its mode and BatchNorm statistics) is never touched.
 """
@@ -19,8 +20,6 @@ import importlib.util
 import inspect
 import json
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cut.infer import SIDECAR_FORMAT, file_sha256, sidecar_path
+from cut.infer import SIDECAR_FORMAT, cpu_session, file_sha256, measure_latency, sidecar_path
 from cut.models import MultiTaskModel, count_macs, count_params
 
 INPUT_NAME = "image"
@@ -53,7 +52,7 @@ _FORMULA = "x[c] = (pixel[c] * scale - mean[c]) / std[c], pixel in 0..255, chann
 # What each task kind's output tensor means, for someone writing a device app.
 _OUTPUT_MEANING = {
     "segmentation": "N x C x H x W class logits; argmax over C gives the class of each pixel",
-    "depth": "N x 1 x H x W depth in the dataset's units (scenes: metres along the optical axis)",
+    "depth": "N x 1 x H x W depth in the units of the training data (scenes: distance along the optical axis)",
     "normals": "N x 3 x H x W surface normal (x, y, z), not unit length: normalise per pixel",
     "classification": "N x C class logits; softmax over C gives probabilities",
 }
@@ -96,6 +95,8 @@ def export_onnx(
 
     `card` (a model card, see cut.checkpoint) supplies the dataset and provenance; `dataset` overrides it.
     """
+    if dataset is not None and dataset not in NORMALISATION:
+        raise ValueError(f"no pixel normalisation known for dataset {dataset!r}; known: {', '.join(NORMALISATION)}")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: use {MIN_OPSET} or newer")
     if batch < 1:
@@ -218,22 +219,11 @@ def _sidecar(model: MultiTaskModel, path: Path, opset: int, batch: int, dynamic_
     }
 
 
-def _session(onnx_path: str | Path, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def check_parity(model: MultiTaskModel, onnx_path: str | Path, n: int = 4, seed: int = 0,
                  tol: float | None = None) -> float:
     """Max abs difference between torch and onnxruntime over `n` random N(0,1) images, every task.
 
-    Images run one at a time (batch 1 is what a device runs, and works for fixed-batch exports too).
+    Images run one at a time (batch 1 is what a device runs), or in the batch a fixed-batch export needs.
     With `tol`, a larger difference (or a non-finite output) raises ValueError.
     """
     if n < 1:
@@ -241,11 +231,13 @@ def check_parity(model: MultiTaskModel, onnx_path: str | Path, n: int = 4, seed:
     cfg = model.config
     names = list(model.task_names)
     reference = copy.deepcopy(model).eval()
-    session = _session(onnx_path)
+    session = cpu_session(onnx_path, threads=1)
+    fixed = session.get_inputs()[0].shape[0]
+    batch = fixed if isinstance(fixed, int) else 1
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for _ in range(n):
-        image = torch.randn(1, cfg.in_channels, *cfg.input_size, generator=generator)
+        image = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=generator)
         with torch.no_grad():
             expected = reference(image)
         got = dict(zip(names, session.run(names, {INPUT_NAME: image.numpy()}), strict=True))
@@ -256,41 +248,6 @@ def check_parity(model: MultiTaskModel, onnx_path: str | Path, n: int = 4, seed:
     if tol is not None and not worst <= tol:
         raise ValueError(f"{onnx_path}: torch/onnxruntime parity {worst:.3g} exceeds the tolerance {tol:g}")
     return worst
-
-
-def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, threads: int = 1,
-                    seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime CPU latency of one batch-1 forward: median and IQR in ms over `runs` after `warmup`.
-
-    One intra-op thread by default: closest to a small device core and least disturbed by a busy host.
-    """
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
-    session = _session(onnx_path, threads)
-    spec = session.get_inputs()[0]
-    shape = [1 if not isinstance(d, int) else d for d in spec.shape]
-    shape[0] = 1
-    feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
-    return {
-        "median_ms": statistics.median(times),
-        "iqr_ms": q3 - q1,
-        "p25_ms": q1,
-        "p75_ms": q3,
-        "min_ms": min(times),
-        "runs": runs,
-        "warmup": warmup,
-        "threads": threads,
-        "input_shape": shape,
-        "times_ms": times,  # raw, so a benchmark can pool several rounds
-    }
 
 
 __all__ = [

@@ -6,14 +6,13 @@ groups, which `cut.budget` ranks globally.
 
 Two steps, each a registry:
 
-1. **Normalise** each task's scores so tasks (whose losses have unrelated scales) and layers (whose
-   fan-ins differ) are comparable. Default `mean`: divide each task's vector in each group by its mean,
-   so every (task, group) pair has mean 1 and a score says "this channel is x times as important as
-   the average channel of this layer, for this task". It is torch-pruning's default group normaliser.
-   `sum` divides by the sum instead, which makes channels of small groups look more important (mean
-   1/size) and makes global ranking prune large layers first; `max` lets one outlier channel flatten a
-   whole layer. `global` divides by the task's total over all its groups (DiSparse's per-task
-   normalisation, no per-layer step); `none` keeps raw scores.
+1. **Normalise** each task's scores so tasks, whose losses have unrelated scales, become comparable.
+   Default `global`: divide each task's scores by that task's total over all the groups it scored, so
+   every task distributes the same total importance; within a task, layers keep their relative
+   importance (Taylor-type scores are in loss units, hence comparable across layers). Per-layer
+   alternatives: `mean` (divide each task's vector in each group by its mean: every (task, layer) pair
+   has mean 1; torch-pruning's default group normaliser), `sum` (by its sum) and `max` (by its max);
+   `none` keeps raw scores.
 2. **Fuse** a shared group's normalised task vectors (a task-specific group has one owner and keeps
    its own task's scores under every rule):
    - `max`: the channel matters if it matters to any task.
@@ -22,11 +21,24 @@ Two steps, each a registry:
    - `union`: DiSparse's arbiter. Each task keeps its top `keep_fraction` of its own units (a global
      top-k over the groups it scores); a unit kept by any task is kept. The fused score ranks kept
      units first: kept units score 1 + s/(1+s), the others s/(1+s), with s the largest normalised task
-     score, so within each set units still rank by importance.
+     score, so within each set units still rank by importance. (Under the planner's default cost-aware
+     ranking, kept units come first within a group; across groups cost decides as for every rule.)
 
-Default (CUT): normalise `mean`, fuse `mean` (`DEFAULT_NORMALISE`, `DEFAULT_RULE`). Measured on `scenes`
-(pre-trained resnet18 width 0.25, seg+depth+normals, taylor scores from 4 batches of 32, no fine-tune,
-3 seeds; benchmarks/fusion_choice.py, numbers in BENCHMARKS.md): see `DEFAULT_RULE_MEASUREMENT`.
+CUT's default is normalise `global`, fuse `mean`, chosen by measurement (benchmarks/fusion_choice.py):
+pre-trained resnet18 width 0.25 on scenes, per-task taylor scores from 4 batches of 32, cost-aware
+planner, BN statistics re-estimated on the scoring batches, no fine-tune, 200 test scenes, seeds 0-2;
+delta_m (%) mean over seeds at params budgets 0.3 / 0.5 / 0.7 / 0.9:
+
+    seg+depth+normals   global/mean  -78.0  -25.4  -7.2  -1.10     global/max  -71.0  -27.4  -8.3  -1.35
+                        global/union -84.3  -37.6 -16.1  -5.30     mean/mean  -118.7  -55.1 -17.2  -3.01
+                        mean/max    -120.9  -52.7 -16.9  -3.34     mean/union -144.9  -49.9 -16.9  -3.34
+    seg+normals         global/mean  -56.5  -11.8  -3.5  -0.63     global/max  -51.5  -14.0  -4.1  -0.62
+                        global/union -56.3  -26.5 -14.2  -4.50     mean/mean  -101.2  -45.7 -14.5  -3.58
+
+Per-layer normalisation loses 15-30 points against per-task (`global`) normalisation: it makes every
+layer equally important and so over-prunes the layers all tasks depend on. `mean` beats `max` at every
+budget >= 0.5 in both subsets; `max` is ahead only at 0.3, where every rule has collapsed (std 9-24).
+`union` is worst among per-task normalised rules: its per-task top-k ignores channel costs.
 """
 
 from __future__ import annotations
@@ -39,9 +51,8 @@ import numpy as np
 TaskScores = dict[str, dict[str, np.ndarray]]  # task -> group -> per-channel scores
 Fused = dict[str, np.ndarray]  # group -> per-channel fused scores
 
-DEFAULT_NORMALISE = "mean"
+DEFAULT_NORMALISE = "global"
 DEFAULT_RULE = "mean"
-DEFAULT_RULE_MEASUREMENT = "filled in by benchmarks/fusion_choice.py; see the module docstring"
 
 
 @dataclass(frozen=True)

@@ -192,8 +192,11 @@ def prunable_weight_names(model: nn.Module) -> list[str]:
 
 @register("taylor")
 def taylor(ctx: ScoringContext) -> dict[str, Scores]:
-    grads = _accumulated_grads(ctx.model, ctx.batches, ctx.objectives, _group_params(ctx))
-    return {obj: _channel_sums(ctx, ctx.groups[obj], _times_weight(ctx, g), absolute=True) for obj, g in grads.items()}
+    totals: dict[str, Scores] = {obj: {} for obj in ctx.objectives}
+    for obj, sums in _per_batch_channel_sums(ctx):
+        for group, vec in sums.items():
+            totals[obj][group] = totals[obj].get(group, 0.0) + vec
+    return {obj: {g: np.abs(v).astype(np.float32) for g, v in s.items()} for obj, s in totals.items()}
 
 
 @register("saliency")
@@ -207,12 +210,10 @@ def saliency(ctx: ScoringContext) -> dict[str, Scores]:
 
 @register("fisher")
 def fisher(ctx: ScoringContext) -> dict[str, Scores]:
-    params = _group_params(ctx)
     totals: dict[str, Scores] = {obj: {} for obj in ctx.objectives}
-    for obj, grads in _per_batch_grads(ctx.model, ctx.batches, ctx.objectives, params):
-        sums = _channel_sums(ctx, ctx.groups[obj], _times_weight(ctx, grads))
+    for obj, sums in _per_batch_channel_sums(ctx):
         for group, vec in sums.items():
-            totals[obj][group] = totals[obj].get(group, 0.0) + vec.astype(np.float64) ** 2
+            totals[obj][group] = totals[obj].get(group, 0.0) + vec**2
     return {obj: {g: v.astype(np.float32) for g, v in s.items()} for obj, s in totals.items()}
 
 
@@ -343,6 +344,86 @@ def _channel_sums(
                 np.add.at(vec, s.root_idxs, cache[key][s.idxs])
         out[g.name] = (np.abs(vec) if absolute else vec).astype(np.float32)
     return out
+
+
+def _per_batch_channel_sums(ctx: ScoringContext):
+    """Yields (objective, {group: per-channel sum of w * dL/dw over the group's parameters}) per batch.
+
+    Computed from activations, without any weight gradient (backward passes then skip the weight-gradient
+    half of every conv): for a layer y = f(x; w) that is linear in its per-channel parameters,
+    sum over channel c's output parameters of w * dL/dw = sum over positions of y_c * dL/dy_c (conv and
+    linear weights with their bias, BN scale with its shift), and sum over channel c's input slice of a
+    consumer's weight of w * dL/dw = sum over positions of x_c * (dL/dx_c through that consumer only).
+    The input is aliased per consumer (a view) so autograd reports the gradient through it alone.
+    """
+    terms = _activation_terms(ctx)
+    for batch_terms in _captured_grads(ctx, sorted({t[:2] for gs in terms.values() for t in gs})):
+        for obj, per_term in batch_terms.items():
+            sums: Scores = {}
+            for g in ctx.groups[obj]:
+                vec = np.zeros(g.size, dtype=np.float64)
+                for module, io, idxs, root in terms[g.name]:
+                    if (module, io) in per_term:
+                        np.add.at(vec, root, per_term[(module, io)][idxs])
+                sums[g.name] = vec
+            yield obj, sums
+
+
+def _activation_terms(ctx: ScoringContext) -> dict[str, list[tuple[str, str, np.ndarray, np.ndarray]]]:
+    """group -> (module, "out"|"in", idxs, root_idxs): one term per module whose channels it removes."""
+    out = {}
+    for gs in ctx.groups.values():
+        for g in gs:
+            out[g.name] = [(s.param[: -len(".weight")], "out" if s.is_out else "in", s.idxs, s.root_idxs)
+                           for s in g.slices if s.param.endswith(".weight")]
+    return out
+
+
+def _captured_grads(ctx: ScoringContext, keys: list[tuple[str, str]]):
+    """Per batch: {objective: {(module, io): per-channel sum of activation * its gradient}}.
+
+    Outputs are captured before any in-place activation can overwrite them (the model goes on with a
+    copy); inputs are captured as a per-consumer alias.
+    """
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+    handles = []
+    for module_name, io in keys:
+        module = ctx.model.get_submodule(module_name)
+        if io == "out":
+            def out_hook(_m, _i, output, key=(module_name, io)):
+                captured[key] = output
+                return output.clone()
+            handles.append(module.register_forward_hook(out_hook))
+        else:
+            def in_hook(_m, inputs, key=(module_name, io)):
+                alias = inputs[0].view_as(inputs[0])
+                captured[key] = alias
+                return (alias, *inputs[1:])
+            handles.append(module.register_forward_pre_hook(in_hook))
+    objs = list(ctx.objectives.items())
+    try:
+        with torch.enable_grad():
+            for batch in ctx.batches:
+                captured.clear()
+                outputs, targets = _forward(ctx.model, batch)
+                names = [k for k in keys if k in captured and captured[k].requires_grad]
+                per_obj = {}
+                for i, (obj, loss_fn) in enumerate(objs):
+                    grads = torch.autograd.grad(loss_fn(outputs, targets), [captured[k] for k in names],
+                                                retain_graph=i < len(objs) - 1, allow_unused=True)
+                    per_obj[obj] = {k: _channel_product(captured[k], g)
+                                    for k, g in zip(names, grads, strict=True) if g is not None}
+                yield per_obj
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_product(a: torch.Tensor, g: torch.Tensor) -> np.ndarray:
+    """Per channel (dim 1) sum of a * g over the batch and every position."""
+    prod = a.detach() * g
+    dims = [d for d in range(prod.dim()) if d != 1]
+    return prod.sum(dim=dims).double().cpu().numpy()
 
 
 def _slice_of(group: ChannelGroup, param: str):

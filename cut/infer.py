@@ -7,6 +7,7 @@ normalisation, and per task its kind, class names and output name.
 
 Each task's output becomes something a person can look at: a colour-coded class map (segmentation),
 a colour-mapped depth map, an RGB normal map ((n + 1) / 2), or a class name with its probability.
+`measure_latency` lives here too (cut.export re-exports it), so a device can time a model on itself.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -184,19 +187,62 @@ def classify(logits: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
 # Running
 
 
+def cpu_session(onnx_path: str | Path, threads: int | None = 1):
+    """An onnxruntime CPU session; `threads` intra-op threads (None: onnxruntime's own choice)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, threads: int = 1,
+                    seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime CPU latency of one batch-1 forward: median and IQR in ms over `runs` after `warmup`.
+
+    One intra-op thread by default: closest to a small device core and least disturbed by a busy host.
+    """
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
+    session = cpu_session(onnx_path, threads)
+    spec = session.get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in spec.shape]
+    shape[0] = 1
+    feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
+    return {
+        "median_ms": statistics.median(times),
+        "iqr_ms": q3 - q1,
+        "p25_ms": q1,
+        "p75_ms": q3,
+        "min_ms": min(times),
+        "runs": runs,
+        "warmup": warmup,
+        "threads": threads,
+        "input_shape": shape,
+        "times_ms": times,  # raw, so a benchmark can pool several rounds
+    }
+
+
 class OnnxModel:
     """An exported model and its sidecar, ready to run on images (one at a time, batch 1)."""
 
     def __init__(self, model: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.path = resolve_onnx(model)
         self.sidecar = load_sidecar(self.path)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(self.path, threads)
         except Exception as e:  # onnxruntime raises its own exception types for a corrupt file
             raise ValueError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         self.tasks = self.sidecar["tasks"]
@@ -254,6 +300,9 @@ def run_inference(model: str | Path, images: Sequence[str | Path], out_dir: str 
     """Run every image; dense outputs land in `out_dir` as `<stem>.<task>.png`. Returns one record per image."""
     if not images:
         raise ValueError("no images given")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:  # before any output is written, so a typo does not leave half a run behind
+        raise FileNotFoundError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     runner = OnnxModel(model, threads=threads)
     used: dict[str, int] = {}
     records = []
@@ -272,10 +321,12 @@ __all__ = [
     "colour_depth",
     "colour_normals",
     "colour_segmentation",
+    "cpu_session",
     "depth_lut",
     "file_sha256",
     "load_image",
     "load_sidecar",
+    "measure_latency",
     "palette",
     "preprocess",
     "resolve_onnx",

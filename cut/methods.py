@@ -1,29 +1,32 @@
 """The compared pruning methods, each a recipe (criterion, per-task or summed loss, normalisation, fusion).
 
 Every method prunes the *decomposed* model (backbone + the selected heads) to the same budget with the
-same planner (`cut.budget`), so they differ only in how channels are scored and fused:
+same planner (`cut.budget`, cost-aware ranking), so they differ only in how channels are scored and fused:
 
-| method    | scores                                   | normalise | fuse  |
-|-----------|------------------------------------------|-----------|-------|
-| random    | uniform floats, seeded                   | mean      | -     |
-| magnitude | L1 of the group's weights (data-free)    | mean      | -     |
-| snip      | saliency sum abs(w*grad), summed loss    | mean      | -     |
-| disparse  | saliency per task                        | global    | union |
-| cut       | taylor per task                          | mean      | mean  |
-| taylor-tp | torch-pruning GroupTaylorImportance + MetaPruner (global pruning), summed loss |
+| method    | scores                                      | normalise       | fuse  |
+|-----------|---------------------------------------------|-----------------|-------|
+| random    | uniform floats, seeded                      | per layer, mean | -     |
+| magnitude | L1 of the group's weights (data-free)       | per layer, mean | -     |
+| snip      | saliency sum abs(w*grad) of the summed loss | none (raw)      | -     |
+| disparse  | saliency per task                           | per task total  | union |
+| cut       | taylor per task                             | per task total  | mean  |
+| taylor-tp | torch-pruning GroupTaylorImportance + MetaPruner (global pruning), summed loss        |
 
-Single-objective methods use the same per-layer mean normalisation as `cut`, so a difference between
-`snip` and `cut` comes from per-task scoring and fusion, not from normalisation. `disparse` follows the
-DiSparse code: per-task scores normalised by the task's total (no per-layer step), a per-task top-k at
-the budget's channel fraction (`cut.budget.uniform_keep_fraction`), union of the kept sets.
+Data-free scores are not in loss units, so they are normalised per layer; SNIP ranks its raw saliency
+globally, as in the paper. `disparse` follows the DiSparse code: per-task scores normalised by the
+task's total, a per-task top-k at the budget's channel fraction (`cut.budget.uniform_keep_fraction`),
+union of the kept sets. `cut`'s defaults (taylor, per-task total, mean) were chosen by measurement,
+see `cut.fusion`.
 
 `taylor-tp` runs torch-pruning as is (its importance, its normalisation, its global threshold, its
 round_to) in interactive mode, so the model is never modified: the channels each group would lose are
-read from the groups it yields and turned into a PruningPlan. Its only input from us is the channel
-pruning ratio, found by bisection as the largest one whose plan fits the budget (torch-pruning's ratio
-counts channels, not parameters).
+read from the groups it yields and turned into a PruningPlan (a test checks that applying that plan
+gives exactly torch-pruning's own pruned model). Its only input from us is the channel pruning ratio,
+found by bisection as the largest one whose plan fits the budget (torch-pruning's ratio counts
+channels, not parameters); it does not use our planner, so it lands near, not at, the budget.
 
-Unstructured mode (`masks_with`) uses the same recipes on per-weight scores |w * grad| (magnitude: |w|).
+Unstructured mode (`masks_with`) uses the same recipes on per-weight scores |w * grad| (magnitude: |w|;
+single-objective methods rank raw scores globally; cut normalises per task and fuses).
 """
 
 from __future__ import annotations
@@ -94,15 +97,16 @@ def _taylor_tp(request: PlanRequest, method: Method) -> PlanResult:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("random", "random", per_task=False, summary="random channels (uniform scores)"),
-        Method("magnitude", "magnitude", per_task=False, summary="L1 norm of the weights, one-shot"),
-        Method("snip", "saliency", per_task=False, summary="|w*grad| of the summed loss"),
+        Method("random", "random", per_task=False, normalise="mean", summary="random channels (uniform scores)"),
+        Method("magnitude", "magnitude", per_task=False, normalise="mean",
+               summary="L1 norm of the weights, one-shot"),
+        Method("snip", "saliency", per_task=False, normalise="none", summary="|w*grad| of the summed loss"),
         Method("disparse", "saliency", per_task=True, normalise="global", fusion="union",
                summary="per-task |w*grad|, per-task top-k, union"),
         Method("taylor-tp", "taylor", per_task=False, planner=_taylor_tp,
                summary="torch-pruning GroupTaylorImportance + MetaPruner, summed loss"),
-        Method("cut", DEFAULT_CRITERION, per_task=True, fusion=fusion.DEFAULT_RULE,
-               summary="per-task scores, per-layer normalised fusion"),
+        Method("cut", DEFAULT_CRITERION, per_task=True, normalise=fusion.DEFAULT_NORMALISE, fusion=fusion.DEFAULT_RULE,
+               summary="per-task scores, per-task normalised mean fusion"),
     )
 }
 

@@ -212,9 +212,10 @@ def from_run_config(run_config: dict[str, Any]) -> Settings:
     )
 
 
-def resolve_data(settings: Settings, card: dict[str, Any]) -> Settings:
-    """Devices' data built like the base model's (dataset, image size...), with the scenario's data seed
-    (so device data is not the pre-training data) and its own dataset kwargs on top."""
+def resolve(settings: Settings, card: dict[str, Any]) -> Settings:
+    """Settings completed from the base model's card: devices' data built like the base model's (dataset,
+    image size...) with the scenario's data seed (so device data is not the pre-training data) and its own
+    dataset kwargs on top; simulated devices keep their models under out_dir/store."""
     dataset = settings.data.dataset or str(card.get("dataset", ""))
     if not dataset:
         raise ValueError(f"scenario {settings.name!r}: [data] dataset is not set and the base model card names none")
@@ -224,7 +225,8 @@ def resolve_data(settings: Settings, card: dict[str, Any]) -> Settings:
     if "seed" in kwargs:
         kwargs["seed"] = settings.data.seed
     data = replace(settings.data, dataset=dataset, dataset_kwargs={**kwargs, **settings.data.dataset_kwargs})
-    return replace(settings, data=data, fleet=replace(settings.fleet, data=data))
+    store_root = settings.fleet.store_root or str((settings.out_dir / "store").resolve())
+    return replace(settings, data=data, fleet=replace(settings.fleet, data=data, store_root=store_root))
 
 
 __all__ = [
@@ -237,5 +239,5 @@ __all__ = [
     "from_run_config",
     "load_settings",
     "scenario_path",
-    "resolve_data",
+    "resolve",
 ]

@@ -32,21 +32,29 @@ def test_normalisers():
     close(normalise({"a": {"z": np.zeros(3)}}, "mean")["a"]["z"], [0, 0, 0])  # no division by zero
 
 
+def test_default_is_mean_of_per_task_normalised_scores():
+    # a's total is 12 + 4 = 16, b's 8 + 4 = 12
+    fused = fuse(PER_TASK)
+    close(fused["s"], [(1 / 16 + 4 / 12) / 2, (2 / 16 + 4 / 12) / 2, 3 / 32, 6 / 32])
+    close(fused["ha"], [2 / 16, 2 / 16])
+    close(fused["hb"], [1 / 12, 3 / 12])
+
+
 def test_mean_rule():
-    fused = fuse(PER_TASK, "mean")
+    fused = fuse(PER_TASK, "mean", "mean")
     close(fused["s"], [7 / 6, 4 / 3, 0.5, 1.0])
     close(fused["ha"], [1, 1])  # task-specific groups keep their own task's scores
     close(fused["hb"], [0.5, 1.5])
 
 
 def test_max_rule():
-    fused = fuse(PER_TASK, "max")
+    fused = fuse(PER_TASK, "max", "mean")
     close(fused["s"], [2, 2, 1, 2])
     close(fused["hb"], [0.5, 1.5])
 
 
 def test_weighted_rule_uses_priorities():
-    fused = fuse(PER_TASK, "weighted", priorities={"a": 3.0, "b": 1.0})
+    fused = fuse(PER_TASK, "weighted", "mean", priorities={"a": 3.0, "b": 1.0})
     close(fused["s"], [0.75, 1.0, 0.75, 1.5])  # (3 * a + 1 * b) / 4
     close(fused["ha"], [1, 1])
     close(fuse(PER_TASK, "weighted")["s"], fuse(PER_TASK, "mean")["s"])  # no priorities: the mean
@@ -58,7 +66,7 @@ def test_union_rule_ranks_units_kept_by_any_task_first():
     # a's units (s then ha): [1/3, 2/3, 1, 2, 1, 1]; top 3 (ties by position) = s3, s2, ha0.
     # b's units (s then hb): [2, 2, 0, 0, 0.5, 1.5]; top 3 = s0, s1, hb1.
     # kept units score 1 + m/(1+m), others m/(1+m), with m the largest normalised task score.
-    fused = fuse(PER_TASK, "union", keep_fraction=0.5)
+    fused = fuse(PER_TASK, "union", "mean", keep_fraction=0.5)
     close(fused["s"], [1 + 2 / 3, 1 + 2 / 3, 1.5, 1 + 2 / 3])
     close(fused["ha"], [1.5, 0.5])
     close(fused["hb"], [1 / 3, 1 + 1.5 / 2.5])

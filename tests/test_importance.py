@@ -139,3 +139,36 @@ def test_scoring_leaves_the_model_untouched(batches):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BN running stats included
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_activation_form_of_taylor_and_fisher_equals_the_weight_gradient_form(backbone, batches):
+    """taylor/fisher come from activations * their gradients; they must equal sums of w * dL/dw."""
+    from cut.importance import ScoringContext, _channel_sums, _per_batch_grads, _times_weight, task_objective
+    from cut.tasks import TaskSpec
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(tasks=scene_tasks() + (TaskSpec("kind", "classification", num_classes=4),), backbone=backbone,
+                      width=0.25, input_size=(32, 32), head_hidden=16, cls_hidden=16)
+    model = build_model(cfg).eval()
+    _train_a_little(model)
+    kind_batches = [(x, {**y, "kind": torch.arange(len(x)) % 4}) for x, y in batches]
+    tasks = ["normals", "kind"]
+    fast = score_tasks(model, kind_batches, tasks, "taylor", 2)
+    fisher_fast = score_tasks(model, kind_batches, tasks, "fisher", 2)
+    analysis = analyse(model)
+    ctx = ScoringContext(model, analysis, kind_batches, {t: task_objective(model, t) for t in tasks},
+                         {t: analysis.groups_of_task(t) for t in tasks})
+    params = dict(model.named_parameters())
+    signed: dict = {t: {} for t in tasks}
+    squared: dict = {t: {} for t in tasks}
+    for obj, grads in _per_batch_grads(model, kind_batches, ctx.objectives, params):
+        for g, v in _channel_sums(ctx, ctx.groups[obj], _times_weight(ctx, grads)).items():
+            signed[obj][g] = signed[obj].get(g, 0) + v.astype(np.float64)
+            squared[obj][g] = squared[obj].get(g, 0) + v.astype(np.float64) ** 2
+    for t in tasks:
+        assert set(fast[t]) == set(signed[t])
+        for g in fast[t]:
+            scale = np.abs(signed[t][g]).max() + 1e-12
+            np.testing.assert_allclose(fast[t][g], np.abs(signed[t][g]), rtol=1e-3, atol=1e-4 * scale)
+            np.testing.assert_allclose(fisher_fast[t][g], squared[t][g], rtol=1e-3, atol=1e-4 * scale**2)

@@ -1,0 +1,125 @@
+"""Aggregating importance reports across devices, per task, and personalising them per device.
+
+Each device scored only its own tasks, so task t's aggregate uses exactly the devices that hold t. Every
+(device, task, group) vector is first divided by its mean (devices already do this; the server repeats
+it, so a device that did not cannot outweigh the others by scale), then combined:
+
+- `weighted-mean` (default): weighted by the samples the device used for t, capped at the samples it
+  declared in its profile (a device cannot buy influence by claiming more);
+- `median`: coordinate-wise median, unweighted: robust to a minority of outlying or poisoned reports.
+
+Personalisation (`planning.personalisation`, alpha in [0, 1]): a device's plan is made from
+`(1 - alpha) * aggregate_t + alpha * own_t` for each of its tasks. alpha = 0 (default) uses the fleet's
+knowledge only, so devices with the same tasks and budget share one plan and one compact model; alpha = 1
+uses only the device's own scores (a local CUT, no federation benefit); in between trades the statistical
+strength of the fleet against the device's own data distribution (non-IID room types). Any alpha > 0
+makes plans device-specific, so the server builds one compact model per device instead of per
+(task subset, budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from cut import fusion
+
+TaskScores = dict[str, dict[str, np.ndarray]]  # task -> group -> per-channel scores
+Contribution = tuple[TaskScores, Mapping[str, float]]  # one device's scores and its weight per task
+
+
+def normalised(scores: TaskScores) -> TaskScores:
+    return fusion.normalise(scores, "mean")
+
+
+def _weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    stack = np.stack(vectors)
+    if w.sum() <= 0:
+        return stack.mean(0)
+    return (w[:, None] * stack).sum(0) / w.sum()
+
+
+def _median(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    return np.median(np.stack(vectors), axis=0)
+
+
+AGGREGATORS: dict[str, Callable[[list[np.ndarray], list[float]], np.ndarray]] = {
+    "weighted-mean": _weighted_mean,
+    "median": _median,
+}
+
+
+def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean") -> TaskScores:
+    """task -> group -> aggregated scores over the devices that scored the task."""
+    if rule not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation {rule!r}; known: {', '.join(AGGREGATORS)}")
+    combine = AGGREGATORS[rule]
+    collected: dict[str, dict[str, tuple[list[np.ndarray], list[float]]]] = {}
+    for scores, weights in contributions:
+        for task, groups in normalised(scores).items():
+            for group, vec in groups.items():
+                vectors, ws = collected.setdefault(task, {}).setdefault(group, ([], []))
+                vectors.append(vec)
+                ws.append(float(weights.get(task, 0.0)))
+    return {task: {g: combine(v, w).astype(np.float32) for g, (v, w) in groups.items()}
+            for task, groups in collected.items()}
+
+
+def personalise(aggregated: TaskScores, own: TaskScores | None, tasks: Sequence[str], alpha: float) -> TaskScores:
+    """The per-task scores a device's plan is made from: aggregate and own scores blended by alpha."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"personalisation alpha must be in [0, 1], got {alpha}")
+    missing = [t for t in tasks if t not in aggregated]
+    if missing:
+        raise ValueError(f"no aggregated scores for task(s) {missing}")
+    if alpha == 0.0 or own is None:
+        return {t: aggregated[t] for t in tasks}
+    mine = normalised({t: own[t] for t in tasks})
+    return {t: {g: ((1 - alpha) * aggregated[t][g] + alpha * mine[t][g]).astype(np.float32) for g in aggregated[t]}
+            for t in tasks}
+
+
+def fuse_for_device(per_task: TaskScores, priorities: Mapping[str, float], normalise: str = "mean") -> dict:
+    """CUT's fusion for one device: shared groups get the priority-weighted mean of its tasks' scores."""
+    return fusion.fuse(per_task, rule="weighted", normalisation=normalise, priorities=priorities)
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    """Sample-weighted average of weight arrays with identical names and shapes (one plan's devices).
+
+    Floating arrays (weights, BN statistics) are averaged; integer ones (BN's num_batches_tracked) take
+    the largest value, which is what continued training would have counted.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    total = float(sum(n for _, n in updates))
+    first = updates[0][0]
+    out: dict[str, np.ndarray] = {}
+    for name, ref in first.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            acc = np.zeros(ref.shape, dtype=np.float64)
+            for arrays, n in updates:
+                acc += (n / total if total > 0 else 1.0 / len(updates)) * arrays[name].astype(np.float64)
+            out[name] = acc.astype(ref.dtype)
+        else:
+            out[name] = np.max(np.stack([arrays[name] for arrays, _ in updates]), axis=0).astype(ref.dtype)
+    return out
+
+
+def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str:
+    """Why a fine-tuned update cannot be averaged into its plan's weights ('' if it can)."""
+    if set(arrays) != set(reference):
+        missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+        return f"update names other arrays (missing {missing[:3]}, extra {extra[:3]})"
+    for name, ref in reference.items():
+        got = arrays[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            return f"update array {name!r} is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
+            return f"update array {name!r} holds NaN or inf"
+    return ""
+
+
+__all__ = ["AGGREGATORS", "aggregate", "check_update", "fedavg", "fuse_for_device", "normalised", "personalise"]

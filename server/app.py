@@ -1,0 +1,363 @@
+"""The federation, as the server runs it (Flower ServerApp, Message API with a Grid).
+
+    profile   query.profile  -> each device's TaskProfile (tasks, budget, samples)
+    score     query.score    -> each device's ImportanceReport for its tasks, on its private data
+    aggregate                   per task, across the devices that hold it (weighted by samples used)
+    plan                        per device: personalise, fuse for its task subset, cut to its budget;
+                                one compact model per distinct plan
+    deliver   train.deliver  -> plan + weights; the device verifies, stores and reports what it holds
+    finetune  train.finetune -> optional rounds of distillation, FedAvg among devices sharing a plan
+    evaluate  evaluate       -> per-task metrics of dense vs compact on each device's held-out data
+    report                      report.json, report.md, plots
+
+A device whose reply is missing, late, an error or invalid is excluded with its reason (see
+server.ledger); the others complete. `app` reads its settings from the run config (`flwr run`);
+`make_server_app(settings)` binds them directly (the in-process simulation runner).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from client.records import (
+    BASE,
+    CONFIG,
+    DELIVER,
+    EVALUATE,
+    FINETUNE,
+    FLEET,
+    METRICS,
+    PROFILE,
+    PROFILE_REC,
+    REPORT,
+    REQUEST,
+    SCORE,
+    SCORES,
+    SPEC,
+    WEIGHTS,
+    arrays_record,
+    config_of,
+    content_nbytes,
+    field,
+    metric_value,
+    read_metrics,
+    record_arrays,
+)
+from cut.budget import BUDGET_KINDS, BudgetOptions
+from cut.messages import PrivacySettings, ScoringRequest, ValidationError
+from cut.wire import decode_profile, decode_report, encode_request
+from server.aggregate import aggregate, check_update, fedavg, personalise
+from server.exchange import exchange, wait_for_nodes
+from server.ledger import REJECTED, DeviceRecord, Ledger
+from server.planning import BaseModel, Build, PlanBook
+from server.report import write_report
+from server.settings import Settings, from_run_config, resolve
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, from_run_config(context.run_config))
+
+
+def make_server_app(settings: Settings) -> ServerApp:
+    """A ServerApp bound to `settings` (run_simulation leaves the run config empty)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, settings)
+
+    return server
+
+
+def run_federation(grid: Grid, settings: Settings) -> dict:
+    """The whole federation; returns the report's summary."""
+    clock = PhaseClock()
+    base = BaseModel.load(settings.base_model_dir)
+    settings = resolve(settings, base.card)
+    with clock("wait"):
+        ledger = Ledger(wait_for_nodes(grid, settings.devices, settings.timeouts.nodes))
+    with clock("profile"):
+        collect_profiles(grid, ledger, settings, base)
+    with clock("score"):
+        collect_scores(grid, ledger, settings, base)
+    with clock("plan"):
+        book = plan_devices(ledger, settings, base)
+    with clock("deliver"):
+        deliver_models(grid, ledger, settings, book)
+    for round_ in range(1, settings.finetune.rounds + 1):
+        with clock(f"finetune-{round_}"):
+            finetune_round(grid, ledger, settings, book, round_)
+    with clock("evaluate"):
+        evaluate_devices(grid, ledger, settings, book)
+    return write_report(ledger, settings, base, book, clock.seconds)
+
+
+class PhaseClock:
+    """Wall time per phase, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        clock = self
+
+        class _Timer:
+            def __enter__(self) -> None:
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc) -> None:
+                clock.seconds[phase] = round(time.perf_counter() - self.start, 3)
+
+        return _Timer()
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+
+def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel) -> None:
+    """query.profile: who each device is. Simulated devices derive it from the fleet description."""
+    fleet = settings.fleet.to_json()
+    contents = {r.node_id: RecordDict({FLEET: ConfigRecord({"spec": fleet})}) for r in ledger.active()}
+    replies = exchange(grid, ledger, "profile", PROFILE, contents, settings.timeouts.profile, settings.max_in_flight)
+    seen: set[str] = set()
+    for node_id, reply in replies.items():
+        record = ledger.records[node_id]
+        try:
+            data = field(config_of(reply.content, PROFILE_REC), "data", bytes, "TaskProfile")
+            profile = decode_profile(data, known_tasks=base.task_names)
+            if profile.budget.kind not in BUDGET_KINDS:
+                raise ValidationError(f"TaskProfile: budget kind {profile.budget.kind!r} is not supported "
+                                      f"(use {' or '.join(BUDGET_KINDS)})")
+            if profile.device_id in seen:
+                raise ValidationError(f"TaskProfile: device id {profile.device_id!r} is already taken")
+        except ValidationError as e:
+            ledger.exclude(node_id, REJECTED, "profile", str(e))
+            continue
+        seen.add(profile.device_id)
+        record.profile, record.device_id, record.tasks = profile, profile.device_id, base.canonical(profile.tasks)
+
+
+# -------------------------------------------------------------------------------------------- score
+
+
+def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel) -> None:
+    """query.score: each device scores its own tasks; invalid reports are rejected with the reason."""
+    make = score_content_factory(settings, base)
+    contents = {r.node_id: make(r) for r in ledger.active()}
+    replies = exchange(grid, ledger, "score", SCORE, contents, settings.timeouts.score, settings.max_in_flight)
+    for node_id, reply in replies.items():
+        record = ledger.records[node_id]
+        try:
+            record.report = read_report(reply, record, base)
+        except ValidationError as e:
+            ledger.exclude(node_id, REJECTED, "score", str(e))
+            continue
+        record.bytes_up_scores = content_nbytes(reply.content)
+
+
+def score_content_factory(settings: Settings, base: BaseModel) -> Callable[[DeviceRecord], RecordDict]:
+    """Builds each device's ScoringRequest message; base weights travel only with the arrays transport."""
+    s = settings.scoring
+    privacy = PrivacySettings(clip_norm=s.clip_norm, noise_multiplier=s.noise_multiplier)
+    base_records: dict[tuple[str, ...], ArrayRecord] = {}
+
+    def make(record: DeviceRecord) -> RecordDict:
+        request = ScoringRequest(base.model_id, base.sha256, record.tasks, s.criterion, s.num_batches, s.batch_size,
+                                 privacy)
+        cfg = {"data": encode_request(request), "transport": settings.transport, "dtype": s.dtype,
+               "seed": settings.seed}
+        content = RecordDict()
+        if settings.transport == "path":
+            cfg["base_model_dir"] = str(base.directory.resolve())
+        else:
+            arrays, sha = base.decomposed_arrays(record.tasks)
+            if record.tasks not in base_records:
+                base_records[record.tasks] = arrays_record(arrays)
+            content[BASE] = ArrayRecord(dict(base_records[record.tasks]))
+            cfg["architecture"] = base.decomposed(record.tasks).config.to_json()
+            cfg["base_arrays_sha256"] = sha
+        content[REQUEST] = ConfigRecord(cfg)
+        return content
+
+    return make
+
+
+def read_report(reply: Message, record: DeviceRecord, base: BaseModel):
+    """Decode and validate a device's ImportanceReport against what it was asked to score."""
+    header = field(config_of(reply.content, REPORT), "header", bytes, "ImportanceReport")
+    arrays = record_arrays(reply.content.array_records.get(SCORES), "ImportanceReport")
+    report = decode_report(header, arrays, known_tasks=record.tasks, group_sizes=base.analysis(record.tasks).sizes,
+                           task_groups=base.task_groups(record.tasks), base_model_sha256=base.sha256)
+    if set(report.tasks) != set(record.tasks):
+        raise ValidationError(f"ImportanceReport: scores tasks {list(report.tasks)}, asked for {list(record.tasks)}")
+    if report.device_id != record.device_id:
+        raise ValidationError(f"ImportanceReport: device id {report.device_id!r} is not {record.device_id!r}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def sample_weights(record: DeviceRecord) -> dict[str, float]:
+    """A device's weight per task: samples used, capped at the samples its profile declared."""
+    declared = record.profile.samples_per_task
+    return {t: float(min(n, declared.get(t, n))) for t, n in record.report.samples_used.items()}
+
+
+def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel) -> PlanBook:
+    """Aggregate per task, then per device: personalise, fuse, cut to budget, build (once per plan)."""
+    p = settings.planning
+    book = PlanBook(base, BudgetOptions(p.min_channels, p.min_fraction, p.round_to), p.normalise)
+    active = ledger.active()
+    if not active:
+        return book
+    aggregated = aggregate([(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation)
+    for record in active:
+        prof = record.profile
+        key = None if p.personalisation > 0 else (
+            record.tasks, prof.budget.kind, prof.budget.value, tuple(sorted(prof.task_priority.items())))
+        try:
+            per_task = personalise(aggregated, record.report.scores, record.tasks, p.personalisation)
+            plan = book.plan(record.tasks, prof.budget, per_task, prof.task_priority, key)
+            book.build(plan)
+        except ValueError as e:
+            ledger.exclude(record.node_id, REJECTED, "plan", str(e).splitlines()[0])
+            continue
+        record.plan_hash, record.achieved = plan.plan_hash, dict(plan.achieved)
+        record.bytes_dense = base.dense_bytes(record.tasks)
+    return book
+
+
+# ------------------------------------------------------------------------------------------ deliver
+
+
+class WeightRecords:
+    """One ArrayRecord per build version, shared by the messages of every device of that plan."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, ArrayRecord] = {}
+
+    def __call__(self, build: Build) -> ArrayRecord:
+        if build.weights_sha256 not in self._cache:
+            self._cache[build.weights_sha256] = arrays_record(build.arrays)
+        return ArrayRecord(dict(self._cache[build.weights_sha256]))
+
+
+def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook) -> None:
+    """train.deliver: spec + weights; the device's reply must name the weights it was sent."""
+    weights = WeightRecords()
+    oneshot = settings.evaluation.oneshot and settings.finetune.rounds > 0
+    contents = {}
+    for r in ledger.active():
+        build = book.builds[r.plan_hash]
+        contents[r.node_id] = RecordDict({
+            SPEC: ConfigRecord({"data": build.spec_bytes}),
+            WEIGHTS: weights(build),
+            CONFIG: ConfigRecord({"evaluate": oneshot, "batch_size": settings.evaluation.batch_size}),
+        })
+    replies = exchange(grid, ledger, "deliver", DELIVER, contents, settings.timeouts.deliver, settings.max_in_flight)
+    for node_id, reply in replies.items():
+        record = ledger.records[node_id]
+        build = book.builds[record.plan_hash]
+        try:
+            held = field(config_of(reply.content, CONFIG), "weights_sha256", str, "deliver reply")
+            if held != build.weights_sha256:
+                raise ValidationError(f"device stored weights {held[:12]}..., sent {build.weights_sha256[:12]}...")
+            metrics = reply.content.metric_records.get(METRICS)
+            record.sizes["params_compact"] = metric_value(metrics, "params", "deliver reply")
+            if oneshot:
+                record.metrics_oneshot = _task_metrics(metrics, "compact", record)
+        except ValidationError as e:
+            ledger.exclude(node_id, REJECTED, "deliver", str(e))
+            continue
+        record.weights_sha256 = build.weights_sha256
+
+
+def _task_metrics(metrics, prefix: str, record: DeviceRecord) -> dict[str, dict[str, float]]:
+    values = read_metrics(metrics, prefix, f"{prefix} metrics")
+    if set(values) != set(record.tasks):
+        raise ValidationError(f"{prefix} metrics are for tasks {sorted(values)}, expected {list(record.tasks)}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------- finetune
+
+
+def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook, round_: int) -> None:
+    """train.finetune: local distillation on each device, then FedAvg among devices of one plan."""
+    f = settings.finetune
+    weights = WeightRecords()
+    contents = {}
+    for r in ledger.active():
+        build = book.builds[r.plan_hash]
+        cfg = ConfigRecord({"round": round_, "steps": f.steps, "lr": float(f.lr), "batch_size": f.batch_size,
+                            "distill_weight": float(f.distill_weight), "seed": settings.seed,
+                            "weights_sha256": build.weights_sha256})
+        content = RecordDict({CONFIG: cfg})
+        if r.weights_sha256 != build.weights_sha256:
+            content[WEIGHTS] = weights(build)  # the plan's averaged weights from the previous round
+        contents[r.node_id] = content
+    replies = exchange(grid, ledger, f"finetune-{round_}", FINETUNE, contents, settings.timeouts.finetune,
+                       settings.max_in_flight)
+    updates: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    for node_id, reply in replies.items():
+        record = ledger.records[node_id]
+        build = book.builds[record.plan_hash]
+        try:
+            arrays = record_arrays(reply.content.array_records.get(WEIGHTS), "finetune update")
+            problem = check_update(arrays, build.arrays)
+            if problem:
+                raise ValidationError(f"finetune update: {problem}")
+            n = metric_value(reply.content.metric_records.get(METRICS), "num_examples", "finetune update")
+        except ValidationError as e:
+            ledger.exclude(node_id, REJECTED, f"finetune-{round_}", str(e))
+            continue
+        record.weights_sha256 = build.weights_sha256
+        record.num_examples = int(n)
+        declared = max(record.profile.samples_per_task.values(), default=n)
+        updates[record.plan_hash].append((arrays, min(max(n, 0.0), float(declared))))
+    for plan_hash, group in updates.items():
+        book.with_weights(plan_hash, fedavg(group))
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook) -> None:
+    """evaluate: the final weights (if fine-tuning changed them) and per-task metrics dense vs compact."""
+    weights = WeightRecords()
+    contents = {}
+    for r in ledger.active():
+        build = book.builds[r.plan_hash]
+        content = RecordDict({CONFIG: ConfigRecord({"weights_sha256": build.weights_sha256,
+                                                    "batch_size": settings.evaluation.batch_size})})
+        if r.weights_sha256 != build.weights_sha256:
+            content[WEIGHTS] = weights(build)
+        contents[r.node_id] = content
+    replies = exchange(grid, ledger, "evaluate", EVALUATE, contents, settings.timeouts.evaluate, settings.max_in_flight)
+    for node_id, reply in replies.items():
+        record = ledger.records[node_id]
+        try:
+            metrics = reply.content.metric_records.get(METRICS)
+            record.metrics_dense = _task_metrics(metrics, "dense", record)
+            record.metrics_compact = _task_metrics(metrics, "compact", record)
+            for key in ("params_dense", "params_compact", "macs_dense", "macs_compact", "eval_samples"):
+                record.sizes[key] = metric_value(metrics, key, "evaluate reply")
+            held = field(config_of(reply.content, CONFIG), "weights_sha256", str, "evaluate reply")
+            if held != book.builds[record.plan_hash].weights_sha256:
+                raise ValidationError(f"device evaluated weights {held[:12]}..., not the plan's final weights")
+        except ValidationError as e:
+            ledger.exclude(node_id, REJECTED, "evaluate", str(e))
+            continue
+        record.weights_sha256 = held
+
+
+__all__ = ["app", "make_server_app", "run_federation"]

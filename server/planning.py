@@ -1,0 +1,147 @@
+"""The server's model side: the base model, plans per device, and compact models built once per plan.
+
+A plan depends on (task subset, budget, priorities, fused scores); with personalisation off, devices that
+agree on the first three share one plan. A compact model depends only on its plan, so it is built (pruned
+with torch-pruning, hashed, its spec encoded) once per plan hash, however many devices receive it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.records import state_arrays
+from cut.budget import BudgetOptions, make_plan
+from cut.checkpoint import load_model
+from cut.compact import compact_model
+from cut.groups import GroupAnalysis, analyse
+from cut.messages import Budget, CompactModelSpec
+from cut.models import MultiTaskModel, count_params
+from cut.plan import PruningPlan
+from cut.wire import arrays_sha256, encode_spec
+from server.aggregate import TaskScores, fuse_for_device
+
+
+@dataclass
+class BaseModel:
+    """The pre-trained multi-task model every device's plan is cut from."""
+
+    directory: Path
+    model: MultiTaskModel
+    card: dict
+    sha256: str
+    model_id: str
+    _decomposed: dict[tuple[str, ...], MultiTaskModel] = field(default_factory=dict)
+    _arrays: dict[tuple[str, ...], tuple[dict[str, np.ndarray], str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> BaseModel:
+        model, card = load_model(directory)
+        model_id = f"{card.get('dataset', 'model')}-{model.config.backbone}-x{model.config.width:g}"
+        return cls(Path(directory), model, card, str(card["weights_sha256"]), model_id)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.model.task_names)
+
+    def canonical(self, tasks: Sequence[str]) -> tuple[str, ...]:
+        """`tasks` in the base model's head order: one name for one subset, whatever order devices use."""
+        return tuple(t for t in self.task_names if t in set(tasks))
+
+    def decomposed(self, tasks: tuple[str, ...]) -> MultiTaskModel:
+        if tasks not in self._decomposed:
+            self._decomposed[tasks] = self.model.decompose(list(tasks)).eval()
+        return self._decomposed[tasks]
+
+    def analysis(self, tasks: tuple[str, ...]) -> GroupAnalysis:
+        return analyse(self.decomposed(tasks))
+
+    def task_groups(self, tasks: tuple[str, ...]) -> dict[str, list[str]]:
+        """task -> the groups its scores must cover (every shared group and its own head's)."""
+        analysis = self.analysis(tasks)
+        return {t: [g.name for g in analysis.groups_of_task(t)] for t in tasks}
+
+    def decomposed_arrays(self, tasks: tuple[str, ...]) -> tuple[dict[str, np.ndarray], str]:
+        """The decomposed weights as arrays and their sha256 (arrays transport; cached per subset)."""
+        if tasks not in self._arrays:
+            arrays = state_arrays(self.decomposed(tasks))
+            self._arrays[tasks] = (arrays, arrays_sha256(arrays))
+        return self._arrays[tasks]
+
+    def dense_bytes(self, tasks: tuple[str, ...]) -> int:
+        return int(sum(a.nbytes for a in self.decomposed_arrays(tasks)[0].values()))
+
+    def architecture(self, tasks: tuple[str, ...]) -> dict:
+        return json.loads(self.decomposed(tasks).config.to_json())
+
+
+@dataclass(frozen=True)
+class Build:
+    """A compact model ready to deliver: its plan, encoded spec, weight arrays and their hash."""
+
+    plan: PruningPlan
+    spec_bytes: bytes
+    arrays: dict[str, np.ndarray]
+    weights_sha256: str
+    params: int
+    dense_params: int
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params / self.dense_params
+
+
+class PlanBook:
+    """Plans per device request and compact models per plan hash (both cached)."""
+
+    def __init__(self, base: BaseModel, options: BudgetOptions, normalise: str = "mean") -> None:
+        self.base = base
+        self.options = options
+        self.normalise = normalise
+        self._plans: dict[tuple, PruningPlan] = {}
+        self.builds: dict[str, Build] = {}
+
+    def plan(self, tasks: tuple[str, ...], budget: Budget, per_task: TaskScores,
+             priorities: Mapping[str, float], cache_key: tuple | None = None) -> PruningPlan:
+        """Fuse the per-task scores and cut to the budget; `cache_key` shares plans between devices."""
+        if cache_key is not None and cache_key in self._plans:
+            return self._plans[cache_key]
+        fused = fuse_for_device(per_task, priorities, self.normalise)
+        plan = make_plan(fused, self.base.analysis(tasks), budget.kind, budget.value, self.options,
+                         base_model_sha256=self.base.sha256, tasks=tasks, method="cut")
+        if cache_key is not None:
+            self._plans[cache_key] = plan
+        return plan
+
+    def build(self, plan: PruningPlan) -> Build:
+        """The compact model of `plan` (pruned once per plan hash)."""
+        if plan.plan_hash not in self.builds:
+            dense = self.base.decomposed(plan.tasks)
+            compact = compact_model(dense, plan).eval()
+            self.builds[plan.plan_hash] = self._package(plan, state_arrays(compact), count_params(compact),
+                                                        count_params(dense))
+        return self.builds[plan.plan_hash]
+
+    def with_weights(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> Build:
+        """Replace a plan's weights (after a FedAvg round) and re-hash them."""
+        old = self.builds[plan_hash]
+        self.builds[plan_hash] = self._package(old.plan, arrays, old.params, old.dense_params)
+        return self.builds[plan_hash]
+
+    def _package(self, plan: PruningPlan, arrays: dict[str, np.ndarray], params: int, dense_params: int) -> Build:
+        sha = arrays_sha256(arrays)
+        spec = CompactModelSpec(
+            plan=plan,
+            architecture=self.base.architecture(plan.tasks),
+            weights_sha256=sha,
+            tasks=plan.tasks,
+            expected_metrics={k: float(v) for k, v in plan.achieved.items() if k.endswith("_ratio")},
+        )
+        return Build(plan, encode_spec(spec), arrays, sha, params, dense_params)
+
+
+__all__ = ["BaseModel", "Build", "PlanBook"]

@@ -1,0 +1,228 @@
+"""The federation's report: report.json (per device + summary), report.md, and two plots.
+
+Per device: its tasks, budget, status (ok / rejected / failed) and reason, the size it reached (params
+and MACs as measured on the device, as ratios to its dense decomposed model), the multi-task delta
+(EVALUATION.md) with the per-task metrics it came from, and the bytes it sent and received. Uplink bytes
+are also given for the scores alone, as a fraction of the dense decomposed model's weight bytes: the
+download the device would otherwise need, and the yardstick for "scores are cheap to send".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from cut.metrics import delta_m
+from server.ledger import OK, DeviceRecord, Ledger
+from server.planning import BaseModel, PlanBook
+from server.settings import Settings
+
+
+def device_delta(record: DeviceRecord, metrics: dict[str, dict[str, float]], base: BaseModel) -> float | None:
+    """delta_m of `metrics` against the device's dense metrics (None when it cannot be computed)."""
+    if not metrics or not record.metrics_dense:
+        return None
+    config = base.model.config
+    primary = {t: config.task(t).primary_metric for t in record.tasks}
+    try:
+        value = delta_m({t: metrics[t][primary[t]] for t in record.tasks},
+                        {t: record.metrics_dense[t][primary[t]] for t in record.tasks},
+                        {t: config.task(t).higher_is_better for t in record.tasks})
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
+    prof = record.profile
+    sizes = record.sizes
+    params_ratio = (sizes["params_compact"] / sizes["params_dense"] if sizes.get("params_dense")
+                    else record.achieved.get("params_ratio"))
+    macs_ratio = (sizes["macs_compact"] / sizes["macs_dense"] if sizes.get("macs_dense")
+                  else record.achieved.get("macs_ratio"))
+    return {
+        "device_id": record.device_id or f"node-{record.node_id}",
+        "node_id": record.node_id,
+        "device_class": prof.device_class if prof else "",
+        "tasks": list(record.tasks or (prof.tasks if prof else ())),
+        "budget": prof.budget.value if prof else None,
+        "budget_kind": prof.budget.kind if prof else None,
+        "status": record.status,
+        "reason": record.reason,
+        "plan_hash": record.plan_hash,
+        "weights_sha256": record.weights_sha256,
+        "params_ratio": params_ratio,
+        "macs_ratio": macs_ratio,
+        "delta_m": device_delta(record, record.metrics_compact, base),
+        "delta_m_oneshot": device_delta(record, record.metrics_oneshot, base),
+        "metrics_dense": record.metrics_dense,
+        "metrics_compact": record.metrics_compact,
+        "metrics_oneshot": record.metrics_oneshot,
+        "eval_samples": int(sizes.get("eval_samples", 0)),
+        "bytes_up": record.bytes_up,
+        "bytes_up_scores": record.bytes_up_scores,
+        "bytes_down": record.bytes_down,
+        "bytes_dense_model": record.bytes_dense,
+        "scores_to_dense_bytes": record.bytes_up_scores / record.bytes_dense if record.bytes_dense else None,
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "median": statistics.median(values), "n": len(values)}
+
+
+def within_budget(entry: dict[str, Any]) -> bool:
+    ratio = entry["params_ratio"] if entry["budget_kind"] == "params" else entry["macs_ratio"]
+    return ratio is not None and ratio <= entry["budget"] + 1e-9
+
+
+def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: PlanBook,
+              seconds: dict[str, float]) -> dict[str, Any]:
+    ok = [e for e in entries if e["status"] == OK]
+    status = Counter(e["status"] for e in entries)
+    return {
+        "scenario": settings.name,
+        "status": "ok" if len(ok) >= settings.min_devices else "failed",
+        "devices_expected": settings.devices,
+        "devices_registered": len(entries),
+        "devices_ok": status.get("ok", 0),
+        "devices_rejected": status.get("rejected", 0),
+        "devices_failed": status.get("failed", 0),
+        "task_subsets": len({tuple(e["tasks"]) for e in ok}),
+        "distinct_plans": len({e["plan_hash"] for e in ok}),
+        "compact_models_built": len(book.builds),
+        "all_within_budget": all(within_budget(e) for e in ok),
+        "params_ratio": _stats([e["params_ratio"] for e in ok]),
+        "delta_m": _stats([e["delta_m"] for e in ok]),
+        "delta_m_oneshot": _stats([e["delta_m_oneshot"] for e in ok]),
+        "bytes_up_scores": _stats([float(e["bytes_up_scores"]) for e in ok]),
+        "scores_to_dense_bytes": _stats([e["scores_to_dense_bytes"] for e in ok]),
+        "bytes_up": _stats([float(e["bytes_up"]) for e in entries]),
+        "bytes_down": _stats([float(e["bytes_down"]) for e in entries]),
+        "full_model_bytes": int(base.card.get("weights_bytes", 0)),
+        "base_model": {"dir": str(base.directory), "id": base.model_id, "sha256": base.sha256},
+        "finetune_rounds": settings.finetune.rounds,
+        "personalisation": settings.planning.personalisation,
+        "aggregation": settings.scoring.aggregation,
+        "seconds": seconds,
+        "seconds_total": round(sum(seconds.values()), 3),
+    }
+
+
+def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
+                 seconds: dict[str, float]) -> dict[str, Any]:
+    """Write report.json, report.md and the plots into settings.out_dir; returns the summary."""
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = sorted((device_entry(r, base) for r in ledger), key=lambda e: e["device_id"])
+    summary = summarise(entries, settings, base, book, seconds)
+    report = {"summary": summary, "devices": entries}
+    (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
+    (out / "report.md").write_text(markdown(report))
+    plot(entries, out)
+    return summary
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf (a metric over no valid pixel) become null: report.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        f"# Federation report: {s['scenario']}",
+        "",
+        f"Status **{s['status']}**: {s['devices_ok']} of {s['devices_registered']} devices completed "
+        f"({s['devices_rejected']} rejected, {s['devices_failed']} failed); {s['task_subsets']} task subsets, "
+        f"{s['distinct_plans']} distinct plans, {s['compact_models_built']} compact models built; "
+        f"all within budget: {s['all_within_budget']}.",
+        "",
+    ]
+    if s["delta_m"]:
+        lines.append(f"delta_m (after {s['finetune_rounds']} fine-tune round(s)): mean {s['delta_m']['mean']:.2f}, "
+                     f"min {s['delta_m']['min']:.2f}, max {s['delta_m']['max']:.2f}.")
+    if s["delta_m_oneshot"]:
+        lines.append(f"delta_m as delivered (one-shot): mean {s['delta_m_oneshot']['mean']:.2f}.")
+    if s["scores_to_dense_bytes"]:
+        lines.append(f"Scores uplink per device: mean {s['bytes_up_scores']['mean']:.0f} bytes = "
+                     f"{100 * s['scores_to_dense_bytes']['mean']:.3f}% of the dense decomposed model "
+                     f"(max {100 * s['scores_to_dense_bytes']['max']:.3f}%).")
+    lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()), "",
+              "| device | class | tasks | budget | status | params | MACs | delta_m | one-shot | up (scores) | down | reason |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["devices"]:
+        lines.append(
+            f"| {e['device_id']} | {e['device_class']} | {','.join(e['tasks'])} | "
+            f"{e['budget_kind'] or ''} {_fmt(e['budget'], '.2f')} | {e['status']} | {_fmt(e['params_ratio'])} | "
+            f"{_fmt(e['macs_ratio'])} | {_fmt(e['delta_m'], '.2f')} | {_fmt(e['delta_m_oneshot'], '.2f')} | "
+            f"{e['bytes_up_scores']} | {e['bytes_down']} | {e['reason'].replace('|', '/')} |")
+    lines += ["", "Per-task metrics (dense -> compact) are in report.json. Plots: size_vs_delta.png, fleet.png.", ""]
+    return "\n".join(lines)
+
+
+def plot(entries: list[dict[str, Any]], out: Path) -> None:
+    """size_vs_delta.png (model size vs delta_m per device) and fleet.png (budgets and task subsets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [e for e in entries if e["status"] == OK and e["params_ratio"] is not None]
+    subsets = sorted({",".join(e["tasks"]) for e in entries if e["tasks"]})
+    colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(subsets)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for subset in subsets:
+        pts = [e for e in ok if ",".join(e["tasks"]) == subset and e["delta_m"] is not None]
+        if pts:
+            ax.scatter([e["params_ratio"] for e in pts], [e["delta_m"] for e in pts], label=subset,
+                       color=colours[subset], alpha=0.8, s=30)
+    for budget in sorted({e["budget"] for e in ok if e["budget_kind"] == "params"}):
+        ax.axvline(budget, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("compact params / dense decomposed params (dashed: budgets)")
+    ax.set_ylabel("delta_m (%)")
+    ax.set_title("Model size vs multi-task delta, per device")
+    if ok:
+        ax.legend(fontsize=7, title="tasks", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "size_vs_delta.png", dpi=120)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = sorted({e["budget"] for e in entries if e["budget"] is not None})
+    bottom = [0] * len(subsets)
+    for i, budget in enumerate(budgets):
+        counts = [sum(1 for e in entries if ",".join(e["tasks"]) == s and e["budget"] == budget) for s in subsets]
+        left.bar(subsets, counts, bottom=bottom, label=f"budget {budget:g}", color=plt.cm.viridis(i / max(1, len(budgets))))
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    left.set_title("Devices per task subset and budget")
+    left.tick_params(axis="x", rotation=45, labelsize=7)
+    left.legend(fontsize=7)
+    statuses = Counter(e["status"] for e in entries)
+    right.bar(list(statuses), list(statuses.values()), color=["tab:green" if s == OK else "tab:red" for s in statuses])
+    right.set_title("Device status")
+    fig.tight_layout()
+    fig.savefig(out / "fleet.png", dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["device_delta", "device_entry", "markdown", "plot", "summarise", "within_budget", "write_report"]

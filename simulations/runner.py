@@ -1,0 +1,80 @@
+"""Run a scenario on Flower's simulation engine, in this process, and return its report summary.
+
+The ServerApp runs in a thread of this process with its settings bound directly (`run_simulation` leaves
+the run config empty); each simulated device is a ClientApp call inside a Ray actor (one per CPU core).
+Devices learn who they are from the fleet description the server sends with the profile query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from server.settings import Settings, load_settings
+
+
+def ensure_base_model(settings: Settings) -> Path:
+    """The scenario's base model directory, pre-trained with `cutfl pretrain` when it is missing."""
+    directory = settings.base_model_dir
+    if (directory / "model.json").is_file():
+        return directory
+    dataset = settings.data.dataset or "scenes"
+    print(f"cutfl simulate: no base model in {directory}; pre-training one on {dataset} (a few minutes, once)",
+          file=sys.stderr)
+    from cut.cli import main as cutfl
+
+    args = ["pretrain", "--dataset", dataset, "--out", str(directory)]
+    if os.environ.get("CUTFL_NO_PROGRESS") == "1":
+        args.append("--quiet")
+    if cutfl(args) != 0:
+        raise ValueError(f"pre-training the base model into {directory} failed")
+    return directory
+
+
+def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
+    """One CPU per device call, so as many devices run at once as there are cores."""
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if num_cpus:
+        init_args["num_cpus"] = num_cpus
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def run_scenario(
+    path_or_name: str | Path = "default",
+    devices: int | None = None,
+    out_dir: str | Path | None = None,
+    base_model_dir: str | Path | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Run one scenario end to end; returns the report summary (also in OUT/report.json)."""
+    settings = load_settings(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir)
+    ensure_base_model(settings)
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").unlink(missing_ok=True)
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=settings.devices,
+                   backend_config=backend_config(num_cpus))
+    wall = time.perf_counter() - start
+    report_path = out / "report.json"
+    if not report_path.is_file():
+        raise RuntimeError(f"the federation ended without a report in {out} (see the log above)")
+    summary = json.loads(report_path.read_text())["summary"]
+    summary["wall_seconds"] = round(wall, 1)
+    summary["report_dir"] = str(out)
+    return summary
+
+
+__all__ = ["backend_config", "ensure_base_model", "run_scenario"]
