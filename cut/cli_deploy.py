@@ -11,37 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
+from cut.cli_args import int_at_least, positive_float
+
 FORMATS = ("onnx",)
 MIN_LATENCY_RUNS = 20  # EVALUATION.md: median of >= 20 runs after warm-up
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
-        return value
-
-    return parse
-
-
 def _latency_runs(text: str) -> int:
-    value = _int_at_least(0)(text)
+    value = int_at_least(0)(text)
     if 0 < value < MIN_LATENCY_RUNS:
         raise argparse.ArgumentTypeError(f"{text!r}: use 0 (skip) or at least {MIN_LATENCY_RUNS} runs")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
 
 
@@ -110,18 +89,18 @@ def add_commands(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", type=Path, required=True, help="model directory (model.json + weights.pt)")
     p.add_argument("--format", default="onnx", help="export format (only 'onnx' for now)")
     p.add_argument("--out", type=Path, help="ONNX file to write (default MODEL/model.onnx; sidecar at OUT.json)")
-    p.add_argument("--opset", type=_int_at_least(17), default=17, help="ONNX opset version, >= 17 (default 17)")
+    p.add_argument("--opset", type=int_at_least(17), default=17, help="ONNX opset version, >= 17 (default 17)")
     p.add_argument("--dataset", help="dataset whose pixel normalisation goes into the sidecar "
                                      "(default: the one named in the model card)")
     p.add_argument("--fixed-batch", action="store_true", help="export with batch size fixed to 1 (default: dynamic)")
-    p.add_argument("--parity-samples", type=_int_at_least(1), default=4,
+    p.add_argument("--parity-samples", type=int_at_least(1), default=4,
                    help="random images compared between torch and onnxruntime (default 4)")
-    p.add_argument("--tolerance", type=_positive_float, default=1e-4,
+    p.add_argument("--tolerance", type=positive_float, default=1e-4,
                    help="largest allowed max abs torch/onnxruntime difference (default 1e-4)")
     p.add_argument("--latency-runs", type=_latency_runs, default=50,
                    help=f"timed onnxruntime runs at batch 1: 0 skips, else >= {MIN_LATENCY_RUNS} (default 50)")
-    p.add_argument("--warmup", type=_int_at_least(0), default=10, help="untimed warm-up runs before timing (default 10)")
-    p.add_argument("--threads", type=_int_at_least(1), default=1, help="onnxruntime intra-op threads for timing (default 1)")
+    p.add_argument("--warmup", type=int_at_least(0), default=10, help="untimed warm-up runs before timing (default 10)")
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="onnxruntime intra-op threads for timing (default 1)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("infer", help="run images through an exported ONNX model (needs no torch)")
@@ -130,7 +109,7 @@ def add_commands(sub, parser_class: type[argparse.ArgumentParser]) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPG images to run")
     p.add_argument("--out", type=Path, default=Path("cutfl-infer"),
                    help="directory for <image>.<task>.png files and predictions.json (default ./cutfl-infer)")
-    p.add_argument("--threads", type=_int_at_least(1), help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--threads", type=int_at_least(1), help="onnxruntime intra-op threads (default: its own)")
     p.set_defaults(func=cmd_infer)
 
 

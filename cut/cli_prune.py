@@ -72,9 +72,8 @@ def _loaders(card: dict, dataset: str, train_samples: int, test_samples: int, ba
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from cut.checkpoint import save_model
-    from cut.tasks import parse_task_list
-
     from cut.pipeline import prune
+    from cut.tasks import parse_task_list
 
     base, card = _load_base(args.model, None)
     tasks = parse_task_list(args.tasks, list(base.config.tasks))
