@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--norms", default="global,mean,sum")
     ap.add_argument("--rules", default="mean,max,union")
     ap.add_argument("--ranking", default="per-cost", help="score, per-cost or both")
+    ap.add_argument("--baselines", action="store_true", help="add snip and disparse-style rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, card = load_model(args.model)
@@ -66,13 +67,19 @@ def main() -> None:
     for seed in seeds:
         batches = take_batches(make_loader(train, 32, shuffle=True, seed=seed), 4)
         per_task = score_tasks(model, batches, tasks, args.criterion, 4, seed)
-        summed = {"sum": score_summed(model, batches, tasks, "saliency", 4, seed)}
+        if args.baselines:
+            summed = {"sum": score_summed(model, batches, tasks, "saliency", 4, seed)}
+            saliency = score_tasks(model, batches, tasks, "saliency", 4, seed)
         for budget in budgets:
             keep_fraction = uniform_keep_fraction(analysis, "params", budget)
             fused_all = {label: fusion.fuse(per_task, rule, norm, keep_fraction=keep_fraction)
                          for label, norm, rule in configs}
-            fused_all["snip (summed saliency, per-layer mean-norm)"] = fusion.fuse(summed, "mean", "mean")
-            fused_all["snip (summed saliency, raw)"] = fusion.fuse(summed, "mean", "global")
+            if args.baselines:
+                fused_all["snip (summed saliency, per-layer mean-norm)"] = fusion.fuse(summed, "mean", "mean")
+                fused_all["snip (summed saliency, raw)"] = fusion.fuse(summed, "mean", "global")
+                for norm in ("global", "mean"):
+                    fused_all[f"disparse (task saliency, {norm}-norm, union)"] = fusion.fuse(
+                        saliency, "union", norm, keep_fraction=keep_fraction)
             for (label, fused), aware in itertools.product(fused_all.items(), rankings):
                 label = f"{label}{' / score per cost' if aware else ''}"
                 options = BudgetOptions(cost_aware=aware)

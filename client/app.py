@@ -4,9 +4,14 @@
 |-----------------|----------------------------------------------------------------------------|
 | query.profile   | works out who it is (node config, or the fleet description in simulation) and replies with its TaskProfile |
 | query.score     | scores its tasks' channels on its private data; replies with an ImportanceReport (scores only) |
-| train.deliver   | verifies, rebuilds and stores its compact model; replies with what it stored (+ one-shot metrics) |
+| train.deliver   | verifies, rebuilds, adapts and stores its compact model; replies with what it holds (+ one-shot metrics) |
 | train.finetune  | distils its compact model from its dense base on local data; replies with the weights (FedAvg) |
 | evaluate        | per-task metrics of dense vs compact on its held-out data, and both models' sizes |
+
+Adopting server weights (a delivered model or a FedAvg result), a device first re-estimates the
+BatchNorm statistics on its own samples when asked to (`[device] recalibrate_bn`): pruning and averaging
+shift those statistics, and the device's data is what the model will see. No weight changes, no gradients,
+nothing leaves the device; it holds (and evaluates) the adapted model and tells the server both hashes.
 
 A request the device refuses (bad spec, wrong base model, tampered weights) gets an error reply whose
 reason names the problem; the server records it and the rest of the federation goes on.
@@ -47,8 +52,11 @@ from client.records import (
     state_arrays,
 )
 from client.scoring import score_and_encode
+from cut.compact import recalibrate_batchnorm
+from cut.importance import take_batches
 from cut.messages import ValidationError
 from cut.models import MultiTaskModel, count_macs, count_params
+from cut.plan import PruningPlan
 from cut.train import evaluate, finetune, make_loader
 from cut.wire import decode_request, encode_profile
 
@@ -103,7 +111,8 @@ def _stored(context: Context) -> store.StoredModel:
     state = _state(context)
     if "model_dir" not in state:
         raise ValidationError("device: no compact model has been delivered yet")
-    return store.StoredModel(Path(str(state["model_dir"])), str(state["model_sha"]), str(state["plan_hash"]))
+    return store.StoredModel(Path(str(state["model_dir"])), str(state["model_sha"]), str(state["plan_hash"]),
+                             str(state["source_sha"]))
 
 
 def _remember_model(context: Context, stored: store.StoredModel) -> None:
@@ -111,6 +120,7 @@ def _remember_model(context: Context, stored: store.StoredModel) -> None:
     state["model_dir"] = str(stored.directory)
     state["model_sha"] = stored.weights_sha256
     state["plan_hash"] = stored.plan_hash
+    state["source_sha"] = stored.source_sha256
 
 
 def _dense(context: Context, device: Device) -> MultiTaskModel:
@@ -181,23 +191,21 @@ def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRec
 @app.train("deliver")
 @guarded
 def deliver(msg: Message, context: Context) -> Message:
-    """Verify and keep my compact model; report what I stored and, if asked, its one-shot metrics."""
+    """Verify, adapt and keep my compact model; report what I received and hold (+ one-shot metrics)."""
     device = _device(context)
     state = _state(context)
     if "base_sha" not in state:
         raise ValidationError("device: a model was delivered before any scoring request")
-    spec = field(config_of(msg.content, SPEC), "data", bytes, SPEC)
+    cfg = msg.content.config_records.get(CONFIG) or ConfigRecord()
+    spec_bytes = field(config_of(msg.content, SPEC), "data", bytes, SPEC)
     arrays = record_arrays(msg.content.array_records.get(WEIGHTS), WEIGHTS)
-    model, stored = store.receive(spec, arrays, device.tasks, str(state["base_sha"]), _store_root(device))
-    _remember_model(context, stored)
+    model, spec = store.receive(spec_bytes, arrays, device.tasks, str(state["base_sha"]))
+    model, stored = _adopt(context, device, cfg, model, spec.plan, spec.weights_sha256)
     metrics: dict[str, float] = {"params": float(count_params(model))}
-    cfg = msg.content.config_records.get(CONFIG)
-    if cfg is not None and optional_field(cfg, "evaluate", bool, False):
+    if optional_field(cfg, "evaluate", bool, False):
         batch = int(optional_field(cfg, "batch_size", int, 32))
         metrics.update(metrics_record("compact", _evaluate(model, local_data(device), batch)))
-    reply = RecordDict({CONFIG: ConfigRecord({"weights_sha256": stored.weights_sha256, "plan_hash": stored.plan_hash}),
-                        METRICS: MetricRecord(metrics)})
-    return Message(reply, reply_to=msg)
+    return Message(RecordDict({CONFIG: _holding(stored), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train("finetune")
@@ -206,7 +214,7 @@ def finetune_round(msg: Message, context: Context) -> Message:
     """K steps of task loss + distillation from my dense base, on my data; reply with the weights."""
     device = _device(context)
     cfg = config_of(msg.content, CONFIG)
-    stored = _adopt_weights(msg, context, device, cfg)
+    stored = _adopt_sent_weights(msg, context, device, cfg)
     data = local_data(device)
     student = copy.deepcopy(store.load(stored))
     teacher = _dense(context, device)
@@ -227,7 +235,7 @@ def evaluate_models(msg: Message, context: Context) -> Message:
     """Dense vs compact on my held-out samples, per task, plus both models' parameters and MACs."""
     device = _device(context)
     cfg = config_of(msg.content, CONFIG)
-    stored = _adopt_weights(msg, context, device, cfg)
+    stored = _adopt_sent_weights(msg, context, device, cfg)
     compact = store.load(stored)
     dense = _dense(context, device)
     data = local_data(device)
@@ -241,23 +249,39 @@ def evaluate_models(msg: Message, context: Context) -> Message:
         "macs_compact": float(count_macs(compact)),
         "eval_samples": float(len(data.eval)),
     }
-    content = RecordDict({METRICS: MetricRecord(metrics),
-                          CONFIG: ConfigRecord({"weights_sha256": stored.weights_sha256})})
-    return Message(content, reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(metrics), CONFIG: _holding(stored)}), reply_to=msg)
 
 
-def _adopt_weights(msg: Message, context: Context, device: Device, cfg: ConfigRecord) -> store.StoredModel:
-    """If the server sent new weights for my plan (a FedAvg result), verify and store them first."""
+def _adopt(context: Context, device: Device, cfg: ConfigRecord, model: MultiTaskModel, plan: PruningPlan,
+           source_sha: str) -> tuple[MultiTaskModel, store.StoredModel]:
+    """Make server weights mine: optionally re-estimate BatchNorm statistics on my own samples (pruning
+    and averaging shift them; my data is what the model will see), then store and remember them."""
+    if optional_field(cfg, "recalibrate_bn", bool, False):
+        batches = take_batches(make_loader(local_data(device).train, int(optional_field(cfg, "bn_batch_size", int,
+                                                                                          16)), shuffle=False),
+                               int(optional_field(cfg, "bn_batches", int, 4)))
+        model = recalibrate_batchnorm(copy.deepcopy(model), batches)
+    stored = store.store(_store_root(device), model, plan, source_sha)
+    _remember_model(context, stored)
+    return model, stored
+
+
+def _adopt_sent_weights(msg: Message, context: Context, device: Device, cfg: ConfigRecord) -> store.StoredModel:
+    """If the server sent new weights for my plan (a FedAvg result), verify and adopt them first."""
     stored = _stored(context)
     record: ArrayRecord | None = msg.content.array_records.get(WEIGHTS)
     if record is None:
         return stored
     expected = field(cfg, "weights_sha256", str, CONFIG)
-    if expected == stored.weights_sha256:
+    if expected == stored.source_sha256:
         return stored
-    _, stored = store.replace_weights(stored, record_arrays(record, WEIGHTS), expected, _store_root(device))
-    _remember_model(context, stored)
-    return stored
+    model, plan = store.receive_weights(stored, record_arrays(record, WEIGHTS), expected)
+    return _adopt(context, device, cfg, model, plan, expected)[1]
+
+
+def _holding(stored: store.StoredModel) -> ConfigRecord:
+    return ConfigRecord({"received_sha256": stored.source_sha256, "weights_sha256": stored.weights_sha256,
+                         "plan_hash": stored.plan_hash})
 
 
 def _evaluate(model: MultiTaskModel, data: LocalData, batch_size: int) -> dict[str, dict[str, float]]:

@@ -1,11 +1,15 @@
-"""The device's model store: verify what the server delivers, rebuild it, keep it, load it again.
+"""The device's model store: verify what the server sends, rebuild it, keep it, load it again.
 
-A delivered model is accepted only if (1) its CompactModelSpec decodes and validates, (2) its base model
-sha256 is the one this device scored, (3) its tasks are exactly this device's tasks, (4) the weight arrays
-hash to the spec's `weights_sha256` and (5) they fit the architecture rebuilt from config + plan (no
-pickled module is ever loaded). It is then written as a normal model directory (`cut.checkpoint`), named
-by its weights sha256: a content-addressed store, so simulated devices sharing one disk and one plan keep
-one copy. The device remembers which model is its own in `context.state` (small: a path and hashes).
+Weights from the server (a delivered compact model, or a plan's FedAvg result) are accepted only if
+(1) the CompactModelSpec decodes and validates, (2) its base model sha256 is the one this device scored,
+(3) its tasks are exactly this device's tasks, (4) the arrays hash to the announced sha256 and (5) they fit
+the architecture rebuilt from config + plan (no pickled module is ever loaded).
+
+The device may then adapt them locally (BatchNorm statistics re-estimated on its own samples, see
+client.app), so what it *holds* can differ from what it was *sent*: the store keeps both hashes. A held
+model is written as a normal model directory (`cut.checkpoint`) named by its weights sha256: a
+content-addressed store, so simulated devices that share a disk and hold identical weights keep one copy.
+The device remembers which model is its own in `context.state` (a path and hashes).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import arrays_state
+from client.records import arrays_state, state_arrays
 from cut.checkpoint import load_model, save_model
 from cut.compact import PlanMismatch, apply_plan
 from cut.messages import CompactModelSpec, ValidationError
@@ -25,15 +29,17 @@ from cut.models import ModelConfig, MultiTaskModel, build_model
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, decode_spec, verify_weights
 
-_LOADED: OrderedDict[str, MultiTaskModel] = OrderedDict()
-_MAX_LOADED = 8
+_LOADED: OrderedDict[str, MultiTaskModel] = OrderedDict()  # held weights sha256 -> model (this process)
+_MAX_LOADED = 32
+_REBUILT: dict[str, str] = {}  # server weights sha256 -> plan hash, for models rebuilt in this process
 
 
 @dataclass(frozen=True)
 class StoredModel:
     directory: Path
-    weights_sha256: str  # sha256 of the weight arrays (cut.wire.arrays_sha256)
+    weights_sha256: str  # sha256 of the held weight arrays (cut.wire.arrays_sha256)
     plan_hash: str
+    source_sha256: str  # sha256 of the server's weights it was made from (equal when not adapted)
 
 
 def accept_spec(data: bytes, tasks: Collection[str], base_sha256: str) -> CompactModelSpec:
@@ -64,39 +70,47 @@ def rebuild(architecture: Mapping, plan: PruningPlan, arrays: Mapping[str, np.nd
     return model
 
 
-def store(root: Path, model: MultiTaskModel, plan: PruningPlan, weights_sha256: str) -> StoredModel:
-    """Write the model under `root/models/<weights sha256>` (atomic; idempotent)."""
-    directory = Path(root) / "models" / weights_sha256
-    if not (directory / "model.json").is_file():
-        save_model(directory, model, {"plan": plan.to_dict(), "arrays_sha256": weights_sha256,
-                                      "base_model_sha256": plan.base_model_sha256, "tasks": list(plan.tasks)})
-    _remember(weights_sha256, model)
-    return StoredModel(directory, weights_sha256, plan.plan_hash)
+def receive(data: bytes, arrays: Mapping[str, np.ndarray], tasks: Collection[str],
+            base_sha256: str) -> tuple[MultiTaskModel, CompactModelSpec]:
+    """train.deliver on the device: accept the spec, verify the weights, rebuild the model.
 
-
-def receive(data: bytes, arrays: Mapping[str, np.ndarray], tasks: Collection[str], base_sha256: str,
-            root: Path) -> tuple[MultiTaskModel, StoredModel]:
-    """train.deliver on the device: accept, verify, rebuild and store a compact model."""
+    The returned model may be shared with other devices of this process: copy it before changing it.
+    """
     spec = accept_spec(data, tasks, base_sha256)
     verify_weights(spec, arrays)
+    cached = _LOADED.get(spec.weights_sha256)
+    if cached is not None and _REBUILT.get(spec.weights_sha256) == spec.plan.plan_hash:
+        return cached, spec  # the same verified weights for the same plan, already rebuilt here
     model = rebuild(spec.architecture, spec.plan, arrays)
-    return model, store(root, model, spec.plan, spec.weights_sha256)
+    _remember(spec.weights_sha256, model)
+    _REBUILT[spec.weights_sha256] = spec.plan.plan_hash
+    return model, spec
 
 
-def replace_weights(current: StoredModel, arrays: Mapping[str, np.ndarray], expected_sha256: str,
-                    root: Path) -> tuple[MultiTaskModel, StoredModel]:
-    """New weights for the same plan (FedAvg of a fine-tune round): verify, rebuild, store."""
+def receive_weights(current: StoredModel, arrays: Mapping[str, np.ndarray],
+                    expected_sha256: str) -> tuple[MultiTaskModel, PruningPlan]:
+    """New server weights for the plan this device holds (a FedAvg result): verify and rebuild."""
     got = arrays_sha256(arrays)
     if got != expected_sha256:
         raise ValidationError(f"weights sha256 mismatch: got {got[:12]}..., expected {expected_sha256[:12]}...")
     _, card = load_model(current.directory)
     plan = PruningPlan.from_dict(card["plan"])
-    model = rebuild(card["config"], plan, arrays)
-    return model, store(root, model, plan, got)
+    return rebuild(card["config"], plan, arrays), plan
+
+
+def store(root: Path, model: MultiTaskModel, plan: PruningPlan, source_sha256: str) -> StoredModel:
+    """Keep `model` under `root/models/<its weights sha256>` (atomic; idempotent)."""
+    sha = arrays_sha256(state_arrays(model))
+    directory = Path(root) / "models" / sha
+    if not (directory / "model.json").is_file():
+        save_model(directory, model, {"plan": plan.to_dict(), "arrays_sha256": sha, "source_sha256": source_sha256,
+                                      "base_model_sha256": plan.base_model_sha256, "tasks": list(plan.tasks)})
+    _remember(sha, model)
+    return StoredModel(directory, sha, plan.plan_hash, source_sha256)
 
 
 def load(stored: StoredModel) -> MultiTaskModel:
-    """The stored model (cached per process; weights checked against the card when read from disk)."""
+    """The held model (cached per process; weights checked against the card when read from disk)."""
     if stored.weights_sha256 in _LOADED:
         _LOADED.move_to_end(stored.weights_sha256)
         return _LOADED[stored.weights_sha256]
@@ -114,4 +128,4 @@ def _remember(sha: str, model: MultiTaskModel) -> None:
         _LOADED.popitem(last=False)
 
 
-__all__ = ["StoredModel", "accept_spec", "load", "rebuild", "receive", "replace_weights", "store"]
+__all__ = ["StoredModel", "accept_spec", "load", "rebuild", "receive", "receive_weights", "store"]

@@ -24,10 +24,11 @@ Two steps, each a registry:
      score, so within each set units still rank by importance. (Under the planner's default cost-aware
      ranking, kept units come first within a group; across groups cost decides as for every rule.)
 
-CUT's default is normalise `global`, fuse `mean`, chosen by measurement (benchmarks/fusion_choice.py):
-pre-trained resnet18 width 0.25 on scenes, per-task taylor scores from 4 batches of 32, cost-aware
-planner, BN statistics re-estimated on the scoring batches, no fine-tune, 200 test scenes, seeds 0-2;
-delta_m (%) mean over seeds at params budgets 0.3 / 0.5 / 0.7 / 0.9:
+CUT's default is normalise `global`, fuse `mean` (with the `fisher` criterion, `cut.methods`), chosen
+by measurement with benchmarks/fusion_choice.py: pre-trained resnet18 width 0.25 on scenes (weights
+540e59af619a), per-task scores from 4 train batches of 32, cost-aware planner, BN statistics
+re-estimated on the scoring batches, no fine-tune, 200 test scenes. delta_m (%), mean over seeds at
+params budgets 0.3 / 0.5 / 0.7 / 0.9 (taylor scores, seeds 0-2):
 
     seg+depth+normals   global/mean  -78.0  -25.4  -7.2  -1.10     global/max  -71.0  -27.4  -8.3  -1.35
                         global/union -84.3  -37.6 -16.1  -5.30     mean/mean  -118.7  -55.1 -17.2  -3.01
@@ -35,10 +36,18 @@ delta_m (%) mean over seeds at params budgets 0.3 / 0.5 / 0.7 / 0.9:
     seg+normals         global/mean  -56.5  -11.8  -3.5  -0.63     global/max  -51.5  -14.0  -4.1  -0.62
                         global/union -56.3  -26.5 -14.2  -4.50     mean/mean  -101.2  -45.7 -14.5  -3.58
 
-Per-layer normalisation loses 15-30 points against per-task (`global`) normalisation: it makes every
-layer equally important and so over-prunes the layers all tasks depend on. `mean` beats `max` at every
-budget >= 0.5 in both subsets; `max` is ahead only at 0.3, where every rule has collapsed (std 9-24).
-`union` is worst among per-task normalised rules: its per-task top-k ignores channel costs.
+and, for the two finalists per criterion, seeds 0-4, budgets 0.5 / 0.7 / 0.9 (mean of the three):
+
+    seg+depth+normals   fisher global/mean  -22.3  -5.2  -0.49 (-9.3)   fisher global/max  -21.4  -3.9  -0.44 (-8.6)
+                        taylor global/mean  -22.8  -6.4  -1.03 (-10.1)  taylor global/max  -25.0  -7.5  -1.25 (-11.3)
+    seg+normals         fisher global/mean  -10.7  -2.3  -0.25 (-4.4)   fisher global/max  -11.8  -1.9  -0.23 (-4.7)
+                        taylor global/mean  -13.6  -3.6  -0.66 (-6.0)   taylor global/max  -15.1  -4.1  -0.46 (-6.6)
+
+Per-layer normalisation loses 15-40 points against per-task (`global`) normalisation: it makes every
+layer equally important and so over-prunes the layers all tasks depend on. `union` is the worst
+per-task normalised rule (its per-task top-k ignores what channels cost). `mean` and `max` are within
+noise of each other with fisher scores (std 1-3 points) and `mean` wins with taylor scores, so `mean`
+(= `weighted` with equal priorities, which also serves task priorities) is the default.
 """
 
 from __future__ import annotations

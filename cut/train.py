@@ -144,7 +144,7 @@ def finetune(student: nn.Module, teacher: nn.Module | None, loader: DataLoader, 
             loss.backward()
             optimizer.step()
             schedule.step()
-            advance(1, f"loss={float(loss):.3f}")
+            advance(1, f"loss={loss.item():.3f}")
 
 
 def _feature_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:

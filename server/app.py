@@ -17,9 +17,11 @@ server.ledger); the others complete. `app` reads its settings from the run confi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -79,7 +81,8 @@ def make_server_app(settings: Settings) -> ServerApp:
 
 def run_federation(grid: Grid, settings: Settings) -> dict:
     """The whole federation; returns the report's summary."""
-    clock = PhaseClock()
+    seconds: dict[str, float] = {}
+    clock = functools.partial(timed, seconds)
     base = BaseModel.load(settings.base_model_dir)
     settings = resolve(settings, base.card)
     with clock("wait"):
@@ -97,26 +100,15 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
             finetune_round(grid, ledger, settings, book, round_)
     with clock("evaluate"):
         evaluate_devices(grid, ledger, settings, book)
-    return write_report(ledger, settings, base, book, clock.seconds)
+    return write_report(ledger, settings, base, book, seconds)
 
 
-class PhaseClock:
-    """Wall time per phase, for the report."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, phase: str):
-        clock = self
-
-        class _Timer:
-            def __enter__(self) -> None:
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc) -> None:
-                clock.seconds[phase] = round(time.perf_counter() - self.start, 3)
-
-        return _Timer()
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Wall time of one phase, for the report."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = round(time.perf_counter() - start, 3)
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -261,16 +253,15 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         contents[r.node_id] = RecordDict({
             SPEC: ConfigRecord({"data": build.spec_bytes}),
             WEIGHTS: weights(build),
-            CONFIG: ConfigRecord({"evaluate": oneshot, "batch_size": settings.evaluation.batch_size}),
+            CONFIG: ConfigRecord({"evaluate": oneshot, "batch_size": settings.evaluation.batch_size,
+                                  **adoption(settings)}),
         })
     replies = exchange(grid, ledger, "deliver", DELIVER, contents, settings.timeouts.deliver, settings.max_in_flight)
     for node_id, reply in replies.items():
         record = ledger.records[node_id]
         build = book.builds[record.plan_hash]
         try:
-            held = field(config_of(reply.content, CONFIG), "weights_sha256", str, "deliver reply")
-            if held != build.weights_sha256:
-                raise ValidationError(f"device stored weights {held[:12]}..., sent {build.weights_sha256[:12]}...")
+            record.held_sha256 = check_holding(reply, build, "deliver reply")
             metrics = reply.content.metric_records.get(METRICS)
             record.sizes["params_compact"] = metric_value(metrics, "params", "deliver reply")
             if oneshot:
@@ -279,6 +270,21 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
             ledger.exclude(node_id, REJECTED, "deliver", str(e))
             continue
         record.weights_sha256 = build.weights_sha256
+
+
+def adoption(settings: Settings) -> dict:
+    """How a device adopts server weights (see client.app._adopt)."""
+    d = settings.device
+    return {"recalibrate_bn": d.recalibrate_bn, "bn_batches": d.bn_batches, "bn_batch_size": d.bn_batch_size}
+
+
+def check_holding(reply: Message, build: Build, where: str) -> str:
+    """The device must say it adopted exactly the weights of `build`; returns the sha256 it holds."""
+    cfg = config_of(reply.content, CONFIG)
+    received = field(cfg, "received_sha256", str, where)
+    if received != build.weights_sha256:
+        raise ValidationError(f"{where}: device adopted weights {received[:12]}..., not {build.weights_sha256[:12]}...")
+    return field(cfg, "weights_sha256", str, where)
 
 
 def _task_metrics(metrics, prefix: str, record: DeviceRecord) -> dict[str, dict[str, float]]:
@@ -300,7 +306,7 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         build = book.builds[r.plan_hash]
         cfg = ConfigRecord({"round": round_, "steps": f.steps, "lr": float(f.lr), "batch_size": f.batch_size,
                             "distill_weight": float(f.distill_weight), "seed": settings.seed,
-                            "weights_sha256": build.weights_sha256})
+                            "weights_sha256": build.weights_sha256, **adoption(settings)})
         content = RecordDict({CONFIG: cfg})
         if r.weights_sha256 != build.weights_sha256:
             content[WEIGHTS] = weights(build)  # the plan's averaged weights from the previous round
@@ -338,7 +344,8 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
     for r in ledger.active():
         build = book.builds[r.plan_hash]
         content = RecordDict({CONFIG: ConfigRecord({"weights_sha256": build.weights_sha256,
-                                                    "batch_size": settings.evaluation.batch_size})})
+                                                    "batch_size": settings.evaluation.batch_size,
+                                                    **adoption(settings)})})
         if r.weights_sha256 != build.weights_sha256:
             content[WEIGHTS] = weights(build)
         contents[r.node_id] = content
@@ -351,13 +358,11 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
             record.metrics_compact = _task_metrics(metrics, "compact", record)
             for key in ("params_dense", "params_compact", "macs_dense", "macs_compact", "eval_samples"):
                 record.sizes[key] = metric_value(metrics, key, "evaluate reply")
-            held = field(config_of(reply.content, CONFIG), "weights_sha256", str, "evaluate reply")
-            if held != book.builds[record.plan_hash].weights_sha256:
-                raise ValidationError(f"device evaluated weights {held[:12]}..., not the plan's final weights")
+            record.held_sha256 = check_holding(reply, book.builds[record.plan_hash], "evaluate reply")
         except ValidationError as e:
             ledger.exclude(node_id, REJECTED, "evaluate", str(e))
             continue
-        record.weights_sha256 = held
+        record.weights_sha256 = book.builds[record.plan_hash].weights_sha256
 
 
 __all__ = ["app", "make_server_app", "run_federation"]

@@ -25,7 +25,8 @@ class DeviceRecord:
     phase: str = ""  # the phase that excluded it
     report: ImportanceReport | None = None
     plan_hash: str = ""
-    weights_sha256: str = ""  # the compact weights it holds now
+    weights_sha256: str = ""  # the server weights (build version) it adopted last
+    held_sha256: str = ""  # the weights it holds (after its local BatchNorm re-estimation)
     achieved: dict[str, float] = field(default_factory=dict)
     metrics_dense: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics_compact: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -54,7 +54,7 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "status": record.status,
         "reason": record.reason,
         "plan_hash": record.plan_hash,
-        "weights_sha256": record.weights_sha256,
+        "weights_sha256": record.held_sha256,
         "params_ratio": params_ratio,
         "macs_ratio": macs_ratio,
         "delta_m": device_delta(record, record.metrics_compact, base),

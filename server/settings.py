@@ -40,8 +40,8 @@ class PlanningSettings:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    rounds: int = 1
-    steps: int = 16
+    rounds: int = 2
+    steps: int = 24
     lr: float = 1e-3
     batch_size: int = 16
     distill_weight: float = 0.5
@@ -51,6 +51,15 @@ class FinetuneSettings:
 class EvaluationSettings:
     batch_size: int = 32
     oneshot: bool = True
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What a device does with weights it adopts from the server (deliver, FedAvg results)."""
+
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on its own samples (no weight change)
+    bn_batches: int = 4
+    bn_batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class Settings:
     planning: PlanningSettings = field(default_factory=PlanningSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_in_flight: int = 256  # messages pushed but not yet answered (bounds server memory)
 
@@ -100,7 +110,8 @@ class Settings:
             raise ValueError(f"scenario {self.name!r}: data.samples_per_device >= 2 and 0 < eval_fraction < 1 needed")
 
 
-_SECTIONS = {"scenario", "model", "data", "scoring", "planning", "finetune", "evaluation", "timeouts", "fleet"}
+_SECTIONS = {"scenario", "model", "data", "scoring", "planning", "finetune", "evaluation", "device", "timeouts",
+             "fleet"}
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -195,6 +206,7 @@ def load_settings(
         planning=_take(raw.get("planning", {}), PlanningSettings, "planning"),
         finetune=_take(raw.get("finetune", {}), FinetuneSettings, "finetune"),
         evaluation=_take(raw.get("evaluation", {}), EvaluationSettings, "evaluation"),
+        device=_take(raw.get("device", {}), DeviceSettings, "device"),
         timeouts=_take(raw.get("timeouts", {}), Timeouts, "timeouts"),
     )
     settings.validate()
@@ -230,6 +242,7 @@ def resolve(settings: Settings, card: dict[str, Any]) -> Settings:
 
 
 __all__ = [
+    "DeviceSettings",
     "EvaluationSettings",
     "FinetuneSettings",
     "PlanningSettings",

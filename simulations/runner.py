@@ -18,11 +18,14 @@ from typing import Any
 from server.settings import Settings, load_settings
 
 
-def ensure_base_model(settings: Settings) -> Path:
-    """The scenario's base model directory, pre-trained with `cutfl pretrain` when it is missing."""
+def ensure_base_model(settings: Settings, may_pretrain: bool = True) -> Path:
+    """The scenario's base model directory, pre-trained with `cutfl pretrain` when it is missing (only for
+    the scenario's own path: a mistyped --base-model should not start a pre-training)."""
     directory = settings.base_model_dir
     if (directory / "model.json").is_file():
         return directory
+    if not may_pretrain or (directory.exists() and any(directory.iterdir())):
+        raise ValueError(f"{directory} is not a cut-fl model directory (run `cutfl pretrain --out {directory}`)")
     dataset = settings.data.dataset or "scenes"
     print(f"cutfl simulate: no base model in {directory}; pre-training one on {dataset} (a few minutes, once)",
           file=sys.stderr)
@@ -53,7 +56,7 @@ def run_scenario(
 ) -> dict[str, Any]:
     """Run one scenario end to end; returns the report summary (also in OUT/report.json)."""
     settings = load_settings(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir)
-    ensure_base_model(settings)
+    ensure_base_model(settings, may_pretrain=base_model_dir is None)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)

@@ -93,3 +93,15 @@ def test_uniform_keep_fraction_meets_the_budget(analysis):
     assert 0.4 < r < 0.6  # params shrink roughly with the square of the channel fraction
     cost = analysis.cost
     assert cost.cost("params", cost.group_sizes * r) <= 0.25 * cost.dense_params
+
+
+def test_cost_aware_ranking_prunes_expensive_channels_first(analysis):
+    from cut.budget import channel_costs
+
+    costs = channel_costs(analysis.cost, "params")
+    cheap, dear = analysis.names[int(costs.argmin())], analysis.names[int(costs.argmax())]
+    flat = {g.name: np.ones(g.size, dtype=np.float32) for g in analysis.groups}  # no preference by score
+    aware = make_plan(flat, analysis, "params", 0.5)
+    assert len(aware.keep[cheap]) / analysis.sizes[cheap] > len(aware.keep[dear]) / analysis.sizes[dear]
+    plain = make_plan(random_scores(analysis), analysis, "params", 0.5, BudgetOptions(cost_aware=False))
+    assert plain.achieved["params_ratio"] <= 0.5

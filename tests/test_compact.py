@@ -14,6 +14,7 @@ from cut.compact import (
     apply_masks,
     apply_plan,
     compact_model,
+    recalibrate_batchnorm,
     unstructured_masks,
     weight_sparsity,
 )
@@ -154,3 +155,20 @@ def test_magnitude_masks_remove_the_smallest_weights():
     assert kept.min() >= dropped.max()
     with pytest.raises(ValueError, match="sparsity"):
         unstructured_masks(model, "magnitude", 1.0)
+
+
+def test_batchnorm_recalibration_changes_statistics_only():
+    model = tiny_model()
+    compact = compact_model(model, half_plan(model))
+    before = {k: v.clone() for k, v in compact.state_dict().items()}
+    batches = [(torch.randn(4, 3, 32, 32) * 2 + 1, {}) for _ in range(2)]
+    recalibrate_batchnorm(compact, batches)
+    assert not compact.training
+    after = compact.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    bn = compact.backbone.bn1
+    assert bn.momentum == 0.1  # restored
+    x = torch.cat([b[0] for b in batches])
+    stem = compact.backbone.conv1(x)
+    assert torch.allclose(bn.running_mean, stem.mean((0, 2, 3)), atol=1e-4)

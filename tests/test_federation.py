@@ -231,18 +231,24 @@ def _delivery(tmp_path):
 
 def test_store_verifies_tasks_base_and_weights(tmp_path):
     data, arrays = _delivery(tmp_path)
-    model, stored = store.receive(data, arrays, ("depth", "seg"), "a" * 64, tmp_path)
+    model, spec = store.receive(data, arrays, ("depth", "seg"), "a" * 64)
     assert model.task_names == ["seg", "depth"]
+    stored = store.store(tmp_path, model, spec.plan, spec.weights_sha256)
+    assert stored.weights_sha256 == spec.weights_sha256 == stored.source_sha256  # not adapted
     assert store.load(stored) is model
+    reloaded, card = load_model(stored.directory)
+    assert card["arrays_sha256"] == stored.weights_sha256 and reloaded.task_names == ["seg", "depth"]
     with pytest.raises(ValidationError, match="not this device's"):
-        store.receive(data, arrays, ("seg",), "a" * 64, tmp_path)
+        store.receive(data, arrays, ("seg",), "a" * 64)
     with pytest.raises(ValidationError, match="mismatch"):
-        store.receive(data, arrays, ("seg", "depth"), "b" * 64, tmp_path)
+        store.receive(data, arrays, ("seg", "depth"), "b" * 64)
     tampered = dict(arrays)
     name = next(iter(tampered))
     tampered[name] = tampered[name] + 1
     with pytest.raises(ValidationError, match="sha256 mismatch"):
-        store.receive(data, tampered, ("seg", "depth"), "a" * 64, tmp_path)
+        store.receive(data, tampered, ("seg", "depth"), "a" * 64)
+    with pytest.raises(ValidationError, match="sha256 mismatch"):
+        store.receive_weights(stored, tampered, spec.weights_sha256)
 
 
 def test_settings_name_unknown_keys_and_scenarios():
@@ -258,3 +264,64 @@ def test_settings_reject_typos(tmp_path):
     path.write_text("[scoring]\ncriterium = 'taylor'\n")
     with pytest.raises(ValueError, match="criterium"):
         load_settings(path)
+
+
+class _FakeMessage:
+    """Just enough of flwr's Message for server.exchange (the real one needs a running app)."""
+
+    def __init__(self, content, dst_node_id=0, message_type="", group_id="", ttl=None, reply_to=None, error=None):
+        import uuid
+        from types import SimpleNamespace
+
+        self.content, self.error = content, error
+        self.metadata = SimpleNamespace(message_id=str(uuid.uuid4()), dst_node_id=dst_node_id,
+                                        reply_to_message_id=reply_to.metadata.message_id if reply_to else "")
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+class _FakeGrid:
+    """Node 1 answers, node 2 never does, node 3 answers with an error."""
+
+    def __init__(self):
+        self.sent = {}
+
+    def push_messages(self, messages):
+        for m in messages:
+            self.sent[m.metadata.message_id] = m
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        from flwr.app import RecordDict
+
+        out = []
+        for mid in ids:
+            m = self.sent.pop(mid, None)
+            if m is None or m.metadata.dst_node_id == 2:
+                if m is not None:
+                    self.sent[mid] = m
+                continue
+            error = SimpleNamespace(code=1002, reason="Traceback...\nRuntimeError: boom") \
+                if m.metadata.dst_node_id == 3 else None
+            out.append(_FakeMessage(RecordDict(), reply_to=m, error=error))
+        return out
+
+
+def test_exchange_excludes_late_and_erroring_devices(monkeypatch):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from server import exchange as ex
+    from server.ledger import Ledger
+
+    monkeypatch.setattr(ex, "Message", _FakeMessage)
+    monkeypatch.setattr(ex, "POLL_SECONDS", 0.01)
+    ledger = Ledger([1, 2, 3])
+    contents = {n: RecordDict({"config": ConfigRecord({"x": b"12345"})}) for n in (1, 2, 3)}
+    replies = ex.exchange(_FakeGrid(), ledger, "score", "query.score", contents, timeout=0.3, max_in_flight=2)
+    assert list(replies) == [1]
+    assert ledger.records[2].status == "failed" and "no reply within 0.3 s" in ledger.records[2].reason
+    assert ledger.records[3].status == "failed" and "RuntimeError: boom" in ledger.records[3].reason
+    assert all(r.bytes_down > 0 for r in ledger)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_group_names_are_stable_across_processes():
     backbones = ("resnet18", "mobilenet_v2")
     script = "\n".join(_names_script(b) for b in backbones)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, check=True)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     theirs = [json.loads(line) for line in out.stdout.strip().splitlines()]
     for backbone, other in zip(backbones, theirs, strict=True):
         torch.manual_seed(7)  # different weights: names must not depend on them

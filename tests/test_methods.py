@@ -92,6 +92,7 @@ def test_pipeline_report(data):
     assert set(report["metrics"]) == {"dense", "compact", "compact_before_finetune"}
     assert set(report["metrics"]["compact"]) == set(TASKS)
     assert isinstance(report["delta_m"], float) and isinstance(report["delta_m_before_finetune"], float)
+    assert report["bn_recalibrated"] and report["seconds"]["bn_recalibration"] >= 0
     for key in ("scoring", "fusion", "planning", "compaction", "prune_total", "finetune"):
         assert report["seconds"][key] >= 0
     json.dumps(report)  # serialisable as is

@@ -68,7 +68,7 @@ class DilatedResNet(nn.Module):
         strides = [1, 2, 1, 1] if output_stride == 8 else [1, 2, 2, 1]
         dilations = [1, 1, 2, 4] if output_stride == 8 else [1, 1, 1, 2]
         self.inplanes = widths[0]
-        for i, (n, w, s, d) in enumerate(zip(layers, widths, strides, dilations), start=1):
+        for i, (n, w, s, d) in enumerate(zip(layers, widths, strides, dilations, strict=True), start=1):
             setattr(self, f"layer{i}", self._make_layer(w, n, s, d))
         self.out_channels = widths[3]
         self.output_stride = output_stride if stem_pool else output_stride // 2
