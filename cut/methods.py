@@ -220,6 +220,8 @@ class TorchPruningTaylor:
         owner = {m: g.name for g in self.analysis.groups for m in g.out_modules}
         removed: dict[str, list[int]] = {}
         for group in pruner.step(interactive=True):
+            if len(group[0].idxs) == 0:  # at small ratios torch-pruning yields groups that remove nothing
+                continue
             root = group[0].dep.target.module
             gname = owner.get(names.get(root))
             if gname is None:

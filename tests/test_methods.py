@@ -70,6 +70,15 @@ def test_taylor_tp_plan_matches_torch_prunings_own_pruning(data):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.parametrize("budget", [0.9, 0.97])
+def test_taylor_tp_handles_budgets_that_remove_almost_nothing(budget, data):
+    # At small channel ratios torch-pruning yields groups with no channel to remove; they must be skipped.
+    model = tiny_base().decompose(list(TASKS))
+    batches = take_batches(make_loader(data[0], 4), 2)
+    result = TorchPruningTaylor(PlanRequest(model, batches, TASKS, "params", budget, OPTIONS)).run()
+    assert result.plan.achieved["params_ratio"] <= budget
+
+
 @pytest.mark.parametrize("method", ["random", "magnitude", "snip", "disparse", "cut"])
 def test_unstructured_methods_reach_the_sparsity(method, data):
     model = tiny_base().decompose(list(TASKS))
