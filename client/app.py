@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,8 +103,6 @@ def _device(context: Context) -> Device:
 def _store_root(device: Device) -> Path:
     if device.store_root:
         return Path(device.store_root)
-    import tempfile
-
     return Path(tempfile.gettempdir()) / "cutfl-store" / device.device_id
 
 
