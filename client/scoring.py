@@ -3,8 +3,8 @@
 The device runs the engine's criterion (`cut.importance.score_tasks`) on its decomposed base model and a
 few batches of its own samples, then prepares what leaves the device:
 
-1. per group, each task's vector is divided by its mean (the engine's `mean` normaliser): scores become
-   scale-free, so devices with different batch counts or loss scales weigh by their sample counts only,
+1. each task's scores are divided by their mean over all the task's channels (per-task normalisation,
+   which measured best for CUT; BENCHMARKS.md): scores become scale-free, so devices with different batch counts or loss scales weigh by their sample counts only,
    and a clip norm means the same thing on every device;
 2. privacy (optional, from the ScoringRequest): each task's concatenated vector is clipped to L2 norm
    `clip_norm` and gets Gaussian noise of std `noise_multiplier * clip_norm`, then is clamped at 0 (the
@@ -40,9 +40,16 @@ def local_scores(model: MultiTaskModel, data: LocalData, request: ScoringRequest
 
 
 def normalised(scores: TaskScores) -> TaskScores:
-    """Each (task, group) vector divided by its mean: scale-free scores (mean 1 per group)."""
-    return {t: {g: v.astype(np.float32) for g, v in groups.items()}
-            for t, groups in fusion.normalise(scores, "mean").items()}
+    """Each task's scores divided by their mean over all the task's channels (mean 1 per task).
+
+    This is the engine's per-task (`global`) normalisation, which measured best (BENCHMARKS.md), rescaled
+    so values sit near 1 rather than 1/N: they stay well inside float16's normal range on the wire.
+    """
+    out = {}
+    for task, groups in fusion.normalise(scores, "global").items():
+        channels = sum(v.size for v in groups.values())
+        out[task] = {g: (v * channels).astype(np.float32) for g, v in groups.items()}
+    return out
 
 
 def privatise(scores: TaskScores, privacy: PrivacySettings, seed: int) -> TaskScores:

@@ -472,7 +472,7 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     CompactModelSpec, computable in any language without pickles."""
     h = hashlib.sha256()
     for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
+        arr = np.require(arrays[name], requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray does not)
         meta = f"{name}\0{arr.dtype.str}\0{','.join(map(str, arr.shape))}\0"
         h.update(len(meta).to_bytes(8, "little") + meta.encode())
         h.update(arr.nbytes.to_bytes(8, "little"))

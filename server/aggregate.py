@@ -30,7 +30,7 @@ Contribution = tuple[TaskScores, Mapping[str, float]]  # one device's scores and
 
 
 def normalised(scores: TaskScores) -> TaskScores:
-    return fusion.normalise(scores, "mean")
+    return fusion.normalise(scores, "global")
 
 
 def _weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -81,7 +81,7 @@ def personalise(aggregated: TaskScores, own: TaskScores | None, tasks: Sequence[
             for t in tasks}
 
 
-def fuse_for_device(per_task: TaskScores, priorities: Mapping[str, float], normalise: str = "mean") -> dict:
+def fuse_for_device(per_task: TaskScores, priorities: Mapping[str, float], normalise: str = "global") -> dict:
     """CUT's fusion for one device: shared groups get the priority-weighted mean of its tasks' scores."""
     return fusion.fuse(per_task, rule="weighted", normalisation=normalise, priorities=priorities)
 

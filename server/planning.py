@@ -98,7 +98,7 @@ class Build:
 class PlanBook:
     """Plans per device request and compact models per plan hash (both cached)."""
 
-    def __init__(self, base: BaseModel, options: BudgetOptions, normalise: str = "mean") -> None:
+    def __init__(self, base: BaseModel, options: BudgetOptions, normalise: str = "global") -> None:
         self.base = base
         self.options = options
         self.normalise = normalise

@@ -20,7 +20,7 @@ TRANSPORTS = ("path", "arrays")
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    criterion: str = "taylor"
+    criterion: str = "fisher"
     num_batches: int = 2
     batch_size: int = 16
     dtype: str = "float16"
@@ -32,7 +32,7 @@ class ScoringSettings:
 @dataclass(frozen=True)
 class PlanningSettings:
     personalisation: float = 0.0  # alpha: share of the device's own scores in its plan
-    normalise: str = "mean"
+    normalise: str = "global"
     round_to: int = 8
     min_channels: int = 8
     min_fraction: float = 0.25

@@ -169,18 +169,19 @@ def test_aggregate_weights_by_samples_and_median_resists_an_outlier():
     a = {"seg": {"g": np.array([1.0, 3.0])}}
     b = {"seg": {"g": np.array([3.0, 1.0])}, "depth": {"g": np.array([1.0, 1.0])}}
     out = aggregate([(a, {"seg": 3.0}), (b, {"seg": 1.0, "depth": 5.0})])
-    np.testing.assert_allclose(out["seg"]["g"], [0.5 * 0.75 + 1.5 * 0.25, 1.5 * 0.75 + 0.5 * 0.25])
-    np.testing.assert_allclose(out["depth"]["g"], [1.0, 1.0])
+    # Per-task normalisation first: a -> [0.25, 0.75], b -> [0.75, 0.25]; weights 3:1.
+    np.testing.assert_allclose(out["seg"]["g"], [0.25 * 0.75 + 0.75 * 0.25, 0.75 * 0.75 + 0.25 * 0.25])
+    np.testing.assert_allclose(out["depth"]["g"], [0.5, 0.5])
     poisoned = {"seg": {"g": np.array([100.0, 0.0])}}
     med = aggregate([(a, {"seg": 1}), (a, {"seg": 1}), (poisoned, {"seg": 1000})], "median")
-    np.testing.assert_allclose(med["seg"]["g"], [0.5, 1.5])
+    np.testing.assert_allclose(med["seg"]["g"], [0.25, 0.75])
 
 
 def test_personalisation_blends_own_scores():
-    agg = {"seg": {"g": np.array([1.0, 1.0], dtype=np.float32)}}
-    own = {"seg": {"g": np.array([0.0, 2.0])}}
-    assert personalise(agg, own, ["seg"], 0.0)["seg"]["g"].tolist() == [1.0, 1.0]
-    np.testing.assert_allclose(personalise(agg, own, ["seg"], 0.5)["seg"]["g"], [0.5, 1.5])
+    agg = {"seg": {"g": np.array([0.5, 0.5], dtype=np.float32)}}  # aggregated: per-task normalised
+    own = {"seg": {"g": np.array([0.0, 2.0])}}  # normalised to [0, 1] before blending
+    assert personalise(agg, own, ["seg"], 0.0)["seg"]["g"].tolist() == [0.5, 0.5]
+    np.testing.assert_allclose(personalise(agg, own, ["seg"], 0.5)["seg"]["g"], [0.25, 0.75])
     with pytest.raises(ValueError):
         personalise(agg, own, ["seg"], 1.5)
 
