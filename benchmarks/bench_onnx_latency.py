@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,17 +25,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def scoring_loader(card: dict, samples: int, batch_size: int, seed: int):

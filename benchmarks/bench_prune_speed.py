@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import cpu_model  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 from cut.compact import compact_model  # noqa: E402
 from cut.data import get_dataset  # noqa: E402
@@ -32,13 +32,6 @@ from cut.importance import take_batches  # noqa: E402
 from cut.methods import PlanRequest, plan_with  # noqa: E402
 from cut.models import ModelConfig, build_model  # noqa: E402
 from cut.train import make_loader  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def load_base(path: str):
