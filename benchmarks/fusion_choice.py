@@ -30,8 +30,8 @@ from cut.data import get_dataset  # noqa: E402
 from cut.groups import analyse  # noqa: E402
 from cut.importance import score_summed, score_tasks, take_batches  # noqa: E402
 from cut.metrics import mean_std  # noqa: E402
-from cut.pipeline import multitask_delta, primary  # noqa: E402
-from cut.train import evaluate, make_loader  # noqa: E402
+from cut.train import evaluate, make_loader, multitask_delta  # noqa: E402  # noqa: E402
+from cut.train import primary_metrics as primary
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ from cut.importance import take_batches
 from cut.methods import masks_with
 from cut.metrics import mean_std
 from cut.models import MultiTaskModel, count_params
-from cut.pipeline import multitask_delta, primary, prune
+from cut.pipeline import prune
 from cut.progress import progress_bar
-from cut.train import evaluate, finetune, make_loader
+from cut.train import evaluate, finetune, make_loader, multitask_delta, primary_metrics
 
 
 def _datasets(dataset: str | tuple[Dataset, Dataset], dataset_kwargs: Mapping[str, Any], train_samples: int,
@@ -199,14 +199,14 @@ def results_markdown(results: Mapping[str, Any], model: MultiTaskModel) -> str:
               "| method | budget | " + " | ".join(f"{t} {model.config.task(t).primary_metric}" for t in tasks)
               + " | params ratio | MACs ratio |",
               "|---|---|" + "---|" * (len(tasks) + 2)]
-    dense_primary = primary(model, dense)
+    dense_primary = primary_metrics(model, dense)
     lines.append("| dense | 1 | " + " | ".join(f"{dense_primary[t]:.3f}" for t in tasks) + " | 1.000 | 1.000 |")
     for m in methods:
         for b in budgets:
             group = cells.get((m, b), [])
             if not group:
                 continue
-            vals = [mean_std([primary(model, r["metrics"])[t] for r in group])[0] for t in tasks]
+            vals = [mean_std([primary_metrics(model, r["metrics"])[t] for r in group])[0] for t in tasks]
             pr = mean_std([r["params_ratio"] for r in group])[0]
             mr = mean_std([r["macs_ratio"] for r in group])[0]
             lines.append(f"| {m} | {b:g} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {pr:.3f} | {mr:.3f} |")

@@ -62,8 +62,6 @@ def _dataset_kwargs(args: argparse.Namespace, split: str, preset: dict) -> dict:
         kwargs["num_samples"] = samples
     if args.dataset in ("scenes", "multifashion") and preset.get("size"):
         kwargs["size"] = preset["size"]
-    if args.dataset == "scenes":
-        kwargs["seed"] = getattr(args, "data_seed", 0)
     return kwargs
 
 

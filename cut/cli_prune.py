@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in (card.get("dataset_kwargs", {}) if same else {}).items() if k != "num_samples"}
     if args.data_dir:
         kwargs["data_dir"] = args.data_dir
-    results = run_bench(
+    run_bench(
         base, args.dataset, tasks, budgets=args.budgets, methods=args.methods, seeds=args.seeds,
         finetune_steps=args.finetune_steps, out_dir=args.out, structured=not args.unstructured,
         sparsity=args.budgets if args.unstructured else None, budget_kind=args.budget_kind,
@@ -132,7 +132,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/delta_m_vs_budget.png",
           file=sys.stderr)
-    del results
     return 0
 
 

@@ -107,15 +107,9 @@ def score_tasks(
     """task -> group -> per-channel scores; each task scores the shared groups and its own head's groups."""
     _check_tasks(model, tasks)
     analysis = analyse(model)
-    ctx = ScoringContext(
-        model=model,
-        analysis=analysis,
-        batches=_batches_for(criterion, loader, num_batches),
-        objectives={t: task_objective(model, t) for t in tasks},
-        groups={t: analysis.groups_of_task(t) for t in tasks},
-        seed=seed,
-    )
-    return run_criterion(criterion, ctx)
+    objectives = {t: task_objective(model, t) for t in tasks}
+    groups = {t: analysis.groups_of_task(t) for t in tasks}
+    return _score(model, analysis, loader, criterion, num_batches, seed, objectives, groups)
 
 
 def score_summed(
@@ -129,15 +123,15 @@ def score_summed(
     """group -> per-channel scores of the summed loss of `tasks` (SNIP-style baselines), every group."""
     _check_tasks(model, tasks)
     analysis = analyse(model)
-    ctx = ScoringContext(
-        model=model,
-        analysis=analysis,
-        batches=_batches_for(criterion, loader, num_batches),
-        objectives={SUMMED: summed_objective(model, tasks)},
-        groups={SUMMED: [g for g in analysis.groups if g.shared or set(g.tasks) & set(tasks)]},
-        seed=seed,
-    )
-    return run_criterion(criterion, ctx)[SUMMED]
+    objectives = {SUMMED: summed_objective(model, tasks)}
+    groups = {SUMMED: [g for g in analysis.groups if g.shared or set(g.tasks) & set(tasks)]}
+    return _score(model, analysis, loader, criterion, num_batches, seed, objectives, groups)[SUMMED]
+
+
+def _score(model, analysis, loader, criterion: str, num_batches: int, seed: int, objectives, groups):
+    ctx = ScoringContext(model=model, analysis=analysis, batches=_batches_for(criterion, loader, num_batches),
+                         objectives=objectives, groups=groups, seed=seed)
+    return run_criterion(criterion, ctx)
 
 
 def run_criterion(name: str, ctx: ScoringContext) -> dict[str, Scores]:

@@ -22,25 +22,15 @@ from cut.budget import BudgetOptions, check_budget
 from cut.checkpoint import state_dict_bytes
 from cut.compact import compact_model, recalibrate_batchnorm
 from cut.methods import PlanRequest, plan_with
-from cut.metrics import delta_m
 from cut.models import MultiTaskModel, count_macs, count_params
 from cut.plan import PruningPlan
 from cut.progress import progress_bar
-from cut.train import evaluate, finetune
+from cut.train import evaluate, finetune, multitask_delta
 
 
 def model_size(model: MultiTaskModel) -> dict[str, int]:
     """Parameters, MACs (one image at the config's input size) and serialised state_dict bytes."""
     return {"params": count_params(model), "macs": count_macs(model), "bytes": len(state_dict_bytes(model))}
-
-
-def primary(model: MultiTaskModel, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    return {t: metrics[t][model.config.task(t).primary_metric] for t in metrics}
-
-
-def multitask_delta(model: MultiTaskModel, after: Mapping, before: Mapping) -> float:
-    directions = {t: model.config.task(t).higher_is_better for t in before}
-    return delta_m(primary(model, after), primary(model, before), directions)
 
 
 def prune(
@@ -176,4 +166,4 @@ def _report(base, decomposed, compact, result, metrics, seconds) -> dict[str, An
     return report
 
 
-__all__ = ["model_size", "multitask_delta", "primary", "prune"]
+__all__ = ["model_size", "prune"]

@@ -7,13 +7,14 @@ teacher is given, a distillation term). Evaluation accumulates each task's metri
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cut.metrics import delta_m
 from cut.progress import progress_bar
 
 
@@ -63,10 +64,19 @@ def evaluate(model: nn.Module, loader: DataLoader, tasks: list[str] | None = Non
     return {t: m.compute() for t, m in meters.items()}
 
 
-def primary_metrics(model_or_config, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+def primary_metrics(model_or_config, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """task -> its primary metric value (the number delta_m is computed from)."""
     config = getattr(model_or_config, "config", model_or_config)
     return {t: metrics[t][config.task(t).primary_metric] for t in metrics}
+
+
+def multitask_delta(model_or_config, compact: Mapping[str, Mapping[str, float]],
+                    dense: Mapping[str, Mapping[str, float]]) -> float:
+    """delta_m (EVALUATION.md) of two `evaluate()` results over the tasks of `dense`."""
+    config = getattr(model_or_config, "config", model_or_config)
+    directions = {t: config.task(t).higher_is_better for t in dense}
+    return delta_m(primary_metrics(config, {t: compact[t] for t in dense}), primary_metrics(config, dense),
+                   directions)
 
 
 def pretrain(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader | None, epochs: int,

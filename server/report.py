@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cut.metrics import delta_m
+from cut.train import multitask_delta
 from server.ledger import OK, DeviceRecord, Ledger
 from server.planning import BaseModel, PlanBook
 from server.settings import Settings
@@ -26,12 +26,8 @@ def device_delta(record: DeviceRecord, metrics: dict[str, dict[str, float]], bas
     """delta_m of `metrics` against the device's dense metrics (None when it cannot be computed)."""
     if not metrics or not record.metrics_dense:
         return None
-    config = base.model.config
-    primary = {t: config.task(t).primary_metric for t in record.tasks}
     try:
-        value = delta_m({t: metrics[t][primary[t]] for t in record.tasks},
-                        {t: record.metrics_dense[t][primary[t]] for t in record.tasks},
-                        {t: config.task(t).higher_is_better for t in record.tasks})
+        value = multitask_delta(base.model, metrics, {t: record.metrics_dense[t] for t in record.tasks})
     except (KeyError, ValueError):
         return None
     return value if math.isfinite(value) else None
