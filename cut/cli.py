@@ -62,6 +62,10 @@ def _dataset_kwargs(args: argparse.Namespace, split: str, preset: dict) -> dict:
         kwargs["num_samples"] = samples
     if args.dataset in ("scenes", "multifashion") and preset.get("size"):
         kwargs["size"] = preset["size"]
+    if args.dataset == "scenes":
+        # The card records the generator seed it was trained on, so a federation can give devices
+        # scenes from another seed (server/settings.py) instead of the pre-training scenes.
+        kwargs["seed"] = 0
     return kwargs
 
 

@@ -53,6 +53,8 @@ def test_tiny_pretrain_then_evaluate(tmp_path):
     assert set(report["metrics"]) == {"seg", "depth", "normals"}
     card = json.loads((out / "model.json").read_text())
     assert card["weights_sha256"] == report["weights_sha256"]
+    # The federation gives devices scenes from another seed only when the card names the training seed.
+    assert card["dataset_kwargs"]["seed"] == 0
     proc = run_cli("evaluate", "--model", str(out), "--test-samples", "16")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)["metrics"]
