@@ -14,7 +14,7 @@ from typing import Any
 
 from client.device import DataSpec, DeviceClass, FleetSpec
 
-AGGREGATIONS = ("weighted-mean", "median")
+AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")
 TRANSPORTS = ("path", "arrays")
 
 
@@ -25,8 +25,12 @@ class ScoringSettings:
     batch_size: int = 16
     dtype: str = "float16"
     aggregation: str = "weighted-mean"
-    clip_norm: float = 0.0
-    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0  # device side, per task vector (L2): the DP sensitivity
+    noise_multiplier: float = 0.0  # device side: Gaussian std = noise_multiplier * clip_norm
+    dp_delta: float = 1e-5  # the delta at which the report states the epsilon spent
+    trim_fraction: float = 0.1  # trimmed-mean: share of devices dropped at each end, per coordinate
+    server_clip: float = 0.0  # > 0: server clips each device's vector to server_clip x the median norm
+    secure_aggregation: bool = False  # per-task sums under SecAgg+ (the server never sees one report)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,14 @@ class Settings:
             raise ValueError(f"scenario {self.name!r}: model.transport must be one of {', '.join(TRANSPORTS)}")
         if self.scoring.aggregation not in AGGREGATIONS:
             raise ValueError(f"scenario {self.name!r}: scoring.aggregation must be one of {', '.join(AGGREGATIONS)}")
+        if not 0.0 <= self.scoring.trim_fraction < 0.5:
+            raise ValueError(f"scenario {self.name!r}: scoring.trim_fraction must be in [0, 0.5)")
+        if self.scoring.clip_norm < 0 or self.scoring.noise_multiplier < 0 or self.scoring.server_clip < 0:
+            raise ValueError(f"scenario {self.name!r}: scoring clip_norm, noise_multiplier, server_clip must be >= 0")
+        if self.scoring.noise_multiplier > 0 and self.scoring.clip_norm <= 0:
+            raise ValueError(f"scenario {self.name!r}: scoring.noise_multiplier needs clip_norm > 0 (the sensitivity)")
+        if not 0.0 < self.scoring.dp_delta < 1.0:
+            raise ValueError(f"scenario {self.name!r}: scoring.dp_delta must be in (0, 1)")
         if self.scoring.dtype not in ("float16", "float32"):
             raise ValueError(f"scenario {self.name!r}: scoring.dtype must be float16 or float32")
         if not 0.0 <= self.planning.personalisation <= 1.0:
