@@ -101,25 +101,25 @@ def _device(context: Context) -> Device:
 
 
 def _store_root(device: Device) -> Path:
+    """Where the device keeps what it downloads (the base model with the arrays transport)."""
     if device.store_root:
         return Path(device.store_root)
     return Path(tempfile.gettempdir()) / "cutfl-store" / device.device_id
 
 
-def _stored(context: Context) -> store.StoredModel:
-    state = _state(context)
-    if "model_dir" not in state:
+def _models(device: Device) -> store.ModelStore:
+    """The device's model store: its store dir, or its own subdirectory of the fleet's shared one."""
+    root = _store_root(device)
+    if device.store_shared:
+        root = root / "devices" / device.device_id
+    return store.ModelStore(root, device.store_keep)
+
+
+def _stored(device: Device) -> store.StoredModel:
+    stored = _models(device).active()
+    if stored is None:
         raise ValidationError("device: no compact model has been delivered yet")
-    return store.StoredModel(Path(str(state["model_dir"])), str(state["model_sha"]), str(state["plan_hash"]),
-                             str(state["source_sha"]))
-
-
-def _remember_model(context: Context, stored: store.StoredModel) -> None:
-    state = _state(context)
-    state["model_dir"] = str(stored.directory)
-    state["model_sha"] = stored.weights_sha256
-    state["plan_hash"] = stored.plan_hash
-    state["source_sha"] = stored.source_sha256
+    return stored
 
 
 def _dense(context: Context, device: Device) -> MultiTaskModel:
@@ -260,14 +260,15 @@ def _adopt(context: Context, device: Device, cfg: ConfigRecord, model: MultiTask
                                                                                           16)), shuffle=False),
                                int(optional_field(cfg, "bn_batches", int, 4)))
         model = recalibrate_batchnorm(copy.deepcopy(model), batches)
-    stored = store.store(_store_root(device), model, plan, source_sha)
-    _remember_model(context, stored)
+    models = _models(device)
+    stored = models.put(model, plan, source_sha)
+    models.activate(stored)
     return model, stored
 
 
 def _adopt_sent_weights(msg: Message, context: Context, device: Device, cfg: ConfigRecord) -> store.StoredModel:
     """If the server sent new weights for my plan (a FedAvg result), verify and adopt them first."""
-    stored = _stored(context)
+    stored = _stored(device)
     record: ArrayRecord | None = msg.content.array_records.get(WEIGHTS)
     if record is None:
         return stored

@@ -117,6 +117,8 @@ class Device:
     priorities: dict[str, float] = field(default_factory=dict)
     misbehave: str = ""
     store_root: str = ""
+    store_shared: bool = False  # store_root is the fleet's (simulation): the device keeps its models in a subdir
+    store_keep: int = 3  # models kept on the device (the active one and the previous ones)
 
     def profile(self, samples: int) -> TaskProfile:
         """The TaskProfile this device sends: every scenes-like sample carries every task's labels."""
@@ -158,6 +160,7 @@ def assign(fleet: FleetSpec, partition_id: int, num_partitions: int) -> Device:
         priorities={str(k): float(v) for k, v in over.get("priority", {}).items()},
         misbehave=str(over.get("misbehave", "")),
         store_root=fleet.store_root,
+        store_shared=True,
     )
 
 
@@ -202,6 +205,7 @@ def device_from_node_config(node_config: Mapping[str, Any], fleet: FleetSpec | N
             data=data,
             priorities=_parse_priorities(node_config.get("priority", "")),
             store_root=fleet.store_root if fleet is not None else "",
+            store_shared=fleet is not None,
         )
     data_fields = {
         "dataset": ("dataset", str), "data-seed": ("seed", int), "samples-per-device": ("samples_per_device", int),
@@ -211,7 +215,12 @@ def device_from_node_config(node_config: Mapping[str, Any], fleet: FleetSpec | N
     if changes:
         device = replace(device, data=replace(device.data, **changes))
     if "store-dir" in node_config:
-        device = replace(device, store_root=str(node_config["store-dir"]))
+        device = replace(device, store_root=str(node_config["store-dir"]), store_shared=False)
+    if "store-keep" in node_config:
+        keep = int(node_config["store-keep"])
+        if keep < 1:
+            raise ValueError(f"device: store-keep must be >= 1, got {keep}")
+        device = replace(device, store_keep=keep)
     if "misbehave" in node_config:
         device = replace(device, misbehave=str(node_config["misbehave"]))
     if device.misbehave not in MISBEHAVIOURS:

@@ -7,13 +7,16 @@ the architecture rebuilt from config + plan (no pickled module is ever loaded).
 
 The device may then adapt them locally (BatchNorm statistics re-estimated on its own samples, see
 client.app), so what it *holds* can differ from what it was *sent*: the store keeps both hashes. A held
-model is written as a normal model directory (`cut.checkpoint`) named by its weights sha256: a
-content-addressed store, so simulated devices that share a disk and hold identical weights keep one copy.
-The device remembers which model is its own in `context.state` (a path and hashes).
+model is written as a normal model directory (`cut.checkpoint`) named by its weights sha256, and the
+device's active model is recorded on disk (`ModelStore`), so it survives a restart of the device.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from client.records import arrays_state, state_arrays
-from cut.checkpoint import load_model, save_model
+from cut.checkpoint import NotAModelDir, atomic_write, load_model, save_model
 from cut.compact import PlanMismatch, apply_plan
 from cut.messages import CompactModelSpec, ValidationError
 from cut.models import ModelConfig, MultiTaskModel, build_model
@@ -98,15 +101,112 @@ def receive_weights(current: StoredModel, arrays: Mapping[str, np.ndarray],
     return rebuild(card["config"], plan, arrays), plan
 
 
-def store(root: Path, model: MultiTaskModel, plan: PruningPlan, source_sha256: str) -> StoredModel:
-    """Keep `model` under `root/models/<its weights sha256>` (atomic; idempotent)."""
-    sha = arrays_sha256(state_arrays(model))
-    directory = Path(root) / "models" / sha
-    if not (directory / "model.json").is_file():
-        save_model(directory, model, {"plan": plan.to_dict(), "arrays_sha256": sha, "source_sha256": source_sha256,
-                                      "base_model_sha256": plan.base_model_sha256, "tasks": list(plan.tasks)})
-    _remember(sha, model)
-    return StoredModel(directory, sha, plan.plan_hash, source_sha256)
+class ModelStore:
+    """One device's models on disk: content-addressed, written atomically, the last `keep` kept, one active.
+
+        root/models/<weights sha256>/   model.json + weights.pt (cut.checkpoint), renamed into place whole
+        root/active.json                the active model and the activation history (newest first)
+
+    A model directory appears only complete (written under a temporary name, then renamed), and the active
+    pointer is replaced atomically, so a crash at any point leaves the previous active model intact. A
+    refused delivery never reaches the store. Models outside the last `keep` activations are deleted; the
+    active one never is.
+    """
+
+    ACTIVE = "active.json"
+
+    def __init__(self, root: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"model store: keep must be >= 1, got {keep}")
+        self.root, self.keep = Path(root), int(keep)
+        self.models = self.root / "models"
+
+    def put(self, model: MultiTaskModel, plan: PruningPlan, source_sha256: str) -> StoredModel:
+        """Write `model` under models/<its weights sha256> (atomic; idempotent); does not activate it."""
+        sha = arrays_sha256(state_arrays(model))
+        directory = self.models / sha
+        if not (directory / "model.json").is_file():
+            self.models.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.models, prefix=f".{sha[:12]}."))
+            try:
+                save_model(tmp, model, {"plan": plan.to_dict(), "arrays_sha256": sha, "source_sha256": source_sha256,
+                                        "base_model_sha256": plan.base_model_sha256, "tasks": list(plan.tasks)})
+                try:
+                    os.rename(tmp, directory)
+                except OSError:
+                    if not (directory / "model.json").is_file():  # not a concurrent writer of the same weights
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _remember(sha, model)
+        return StoredModel(directory, sha, plan.plan_hash, source_sha256)
+
+    def activate(self, stored: StoredModel) -> None:
+        """Make `stored` the active model (atomic pointer swap), then drop models beyond the last `keep`."""
+        if stored.directory.resolve() != (self.models / stored.weights_sha256).resolve():
+            raise ValueError(f"model store: {stored.directory} is not in {self.models}")
+        history = [stored.weights_sha256] + [s for s in self.history() if s != stored.weights_sha256]
+        pointer = {"weights_sha256": stored.weights_sha256, "plan_hash": stored.plan_hash,
+                   "source_sha256": stored.source_sha256, "history": history[:self.keep]}
+        atomic_write(self.root / self.ACTIVE, json.dumps(pointer, indent=2).encode())
+        self._collect(set(history[:self.keep]))
+
+    def active(self) -> StoredModel | None:
+        """The active model, or None when nothing was ever activated here."""
+        pointer = self._pointer()
+        if pointer is None:
+            return None
+        sha = pointer["weights_sha256"]
+        return StoredModel(self.models / sha, sha, pointer["plan_hash"], pointer["source_sha256"])
+
+    def history(self) -> list[str]:
+        """Weights sha256 of the kept models, newest activation first."""
+        pointer = self._pointer()
+        return list(pointer["history"]) if pointer else []
+
+    def verify_active(self) -> tuple[MultiTaskModel, dict]:
+        """Load the active model from disk, checking the file sha256 and the arrays sha256 it is named by."""
+        stored = self.active()
+        if stored is None:
+            raise ValidationError(f"model store {self.root}: no active model")
+        try:
+            model, card = load_model(stored.directory)
+        except NotAModelDir as e:
+            raise ValidationError(f"model store: active model is damaged ({e})") from None
+        got = arrays_sha256(state_arrays(model))
+        if got != stored.weights_sha256 or card.get("arrays_sha256") != got:
+            raise ValidationError(f"model store: active model holds weights {got[:12]}..., "
+                                  f"not {stored.weights_sha256[:12]}...")
+        if PruningPlan.from_dict(card["plan"]).plan_hash != stored.plan_hash:
+            raise ValidationError("model store: active model's plan differs from the pointer's")
+        return model, card
+
+    def _pointer(self) -> dict | None:
+        path = self.root / self.ACTIVE
+        if not path.is_file():
+            return None
+        try:
+            pointer = json.loads(path.read_text())
+            if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in (
+                    "weights_sha256", "plan_hash", "source_sha256")) or not isinstance(pointer.get("history"), list):
+                raise ValueError("fields missing")
+        except ValueError as e:
+            raise ValidationError(f"model store: {path} is damaged ({e})") from None
+        return pointer
+
+    def _collect(self, kept: set[str]) -> None:
+        for entry in self.models.iterdir():  # also half-written ".<sha>.*" directories left by a crash
+            if entry.is_dir() and entry.name not in kept:
+                shutil.rmtree(entry, ignore_errors=True)
+                _LOADED.pop(entry.name, None)
+
+
+def store(root: Path, model: MultiTaskModel, plan: PruningPlan, source_sha256: str, keep: int = 3) -> StoredModel:
+    """Keep `model` in the device's store at `root` and make it the active one."""
+    models = ModelStore(root, keep)
+    stored = models.put(model, plan, source_sha256)
+    models.activate(stored)
+    return stored
 
 
 def load(stored: StoredModel) -> MultiTaskModel:
@@ -128,4 +228,4 @@ def _remember(sha: str, model: MultiTaskModel) -> None:
         _LOADED.popitem(last=False)
 
 
-__all__ = ["StoredModel", "accept_spec", "load", "rebuild", "receive", "receive_weights", "store"]
+__all__ = ["ModelStore", "StoredModel", "accept_spec", "load", "rebuild", "receive", "receive_weights", "store"]

@@ -40,7 +40,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -63,8 +63,8 @@ def save_model(directory: str | Path, model: MultiTaskModel, card: dict[str, Any
     full_card["config"] = model.config.to_dict()
     full_card["weights_sha256"] = digest
     full_card["weights_bytes"] = len(data)
-    _atomic_write(directory / WEIGHTS_NAME, data)
-    _atomic_write(directory / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True).encode())
+    atomic_write(directory / WEIGHTS_NAME, data)
+    atomic_write(directory / CARD_NAME, json.dumps(full_card, indent=2, sort_keys=True).encode())
     return digest
 
 

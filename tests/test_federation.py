@@ -104,7 +104,9 @@ def test_each_good_device_gets_its_own_heads_within_budget(federation):
         assert set(d["metrics_compact"]) == set(tasks) == set(d["metrics_dense"])
         assert d["delta_m"] is not None and d["delta_m_oneshot"] is not None
         assert 0 < d["bytes_up_scores"] < 0.05 * d["bytes_dense_model"]
-        model, card = load_model(root / "out" / "store" / "models" / d["weights_sha256"])
+        models = store.ModelStore(root / "out" / "store" / "devices" / f"device-{pid:04d}")
+        model, card = models.verify_active()  # the weights it holds, verified against their sha256
+        assert models.active().weights_sha256 == d["weights_sha256"]
         assert model.task_names == list(tasks)  # exactly its heads, nothing else
         dense = build_model(ModelConfig.from_dict(card["config"]))
         assert count_params(model) <= d["budget"] * count_params(dense) + 1e-9
