@@ -198,7 +198,7 @@ def _add_optional_commands(sub) -> None:
     """Commands whose modules may register themselves: prune, bench, simulate, export, infer."""
     import importlib
 
-    for module in ("cut.cli_prune", "cut.cli_deploy", "cut.cli_simulate"):
+    for module in ("cut.cli_prune", "cut.cli_deploy", "cut.cli_simulate", "cut.cli_run"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -1,0 +1,318 @@
+"""Start a run on a SuperLink with `flwr run`, then wait for its *final* status.
+
+`flwr run` exits 0 as soon as the SuperLink accepted the run, whatever happens to it afterwards (and, with
+`--format json`, even when it could not start it: the JSON then says `"success": false`). So this module
+reads the run id from `flwr run ... --format json`, polls `flwr ls CONN --run-id ID --format json` until
+the run's status is `finished:*`, and reports `finished:completed` as success and anything else
+(`finished:failed`, `finished:stopped`, a timeout, an error from the CLI) as failure.
+
+Connections live in `$FLWR_HOME/config.toml` (default `~/.flwr`), not in pyproject.toml (Flower 1.41):
+
+    [superlink]
+    default = "my-link"            # optional
+
+    [superlink.my-link]
+    address = "superlink.example.org:9093"
+    root-certificates = "/abs/path/ca.crt"   # TLS (the default); must be an absolute path
+    # insecure = true                        # instead of root-certificates: plain HTTP, lab use only
+
+`write_connection` writes such an entry. The `flwr` executables are taken from the directory of the
+running interpreter first (a venv whose bin/ is not on PATH), then from PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMPLETED = "finished:completed"
+FINISHED = "finished"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+class RunError(Exception):
+    """The run could not be started, failed, was stopped, or did not finish in time (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------ executables
+
+
+def bin_dir() -> Path:
+    """The directory of the running interpreter's scripts (venv/bin), where flwr's commands live."""
+    return Path(sys.executable).parent
+
+
+def executable(name: str) -> str:
+    """Path of a Flower command: next to sys.executable first, then on PATH."""
+    candidate = bin_dir() / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RunError(f"`{name}` not found next to {sys.executable} or on PATH: install flwr in this environment")
+
+
+def flwr_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: venv bin/ first on PATH (SuperLink and SuperNode start
+    `flower-superexec` by name), FLWR_HOME if given, plain (uncoloured, unwrapped) CLI output, and no
+    update check (Flower's background request would hold every short `flwr` call on a machine offline)."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(bin_dir()), env.get("PATH", "")]).rstrip(os.pathsep)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    env["NO_COLOR"] = "1"
+    env.setdefault("COLUMNS", "200")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ------------------------------------------------------------------------------------ connections
+
+
+def flwr_home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env["FLWR_HOME"]) if env.get("FLWR_HOME") else Path.home() / ".flwr"
+
+
+def write_connection(name: str, address: str, *, root_certificates: Path | str | None = None,
+                     insecure: bool = False, home: Path | str | None = None, default: bool = False) -> Path:
+    """Add or replace `[superlink.NAME]` in `$FLWR_HOME/config.toml`; returns the file's path.
+
+    TLS needs `root_certificates` (the CA that signed the SuperLink's certificate; stored as an absolute
+    path, as Flower requires); `insecure=True` is plain HTTP. Other entries of the file are kept.
+    """
+    import tomli_w  # a Flower dependency
+
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == "default":
+        raise ValueError(f"connection name {name!r}: use letters, digits, '-', '_' or '.' (not 'default')")
+    if insecure == (root_certificates is not None):
+        raise ValueError(f"connection {name!r}: give either root certificates (TLS) or insecure, not both/neither")
+    path = (Path(home) if home is not None else flwr_home()) / "config.toml"
+    data: dict[str, Any] = tomllib.loads(path.read_text()) if path.is_file() else {}
+    links = data.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is not None:
+        cert = Path(root_certificates).expanduser().resolve()
+        if not cert.is_file():
+            raise FileNotFoundError(f"root certificates {cert} not found")
+        entry["root-certificates"] = str(cert)
+    else:
+        entry["insecure"] = True
+    links[name] = entry
+    if default:
+        links["default"] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------ CLI output
+
+
+def parse_json_output(text: str, command: str) -> dict[str, Any]:
+    """The JSON object a `flwr ... --format json` command printed (colour codes and stray lines tolerated)."""
+    clean = _ANSI.sub("", text).strip()
+    start = clean.find("{")
+    if start < 0:
+        raise RunError(f"`{command}` printed no JSON: {_first_line(clean) or '(nothing)'}")
+    try:
+        data, _ = json.JSONDecoder().raw_decode(clean[start:])
+    except json.JSONDecodeError as e:
+        raise RunError(f"`{command}` printed malformed JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"`{command}` printed JSON that is not an object")
+    if data.get("success") is False:  # error-message = the command's captured output, then the error
+        raise RunError(f"`{command}` failed: {_last_line(str(data.get('error-message', ''))) or 'no reason given'}")
+    return data
+
+
+def run_id_from_output(text: str) -> int:
+    """The run id from `flwr run ... --format json` (`{"success": true, "run-id": "123", ...}`)."""
+    data = parse_json_output(text, "flwr run")
+    try:
+        return int(data["run-id"])
+    except (KeyError, TypeError, ValueError):
+        raise RunError(f"`flwr run` gave no run id: {json.dumps(data)[:200]}") from None
+
+
+def status_from_output(text: str, run_id: int) -> tuple[str, str]:
+    """(status, details) of `run_id` from `flwr ls CONN --run-id ID --format json`."""
+    data = parse_json_output(text, "flwr ls")
+    for run in data.get("runs", []):
+        if str(run.get("run-id")) == str(run_id):
+            return str(run.get("status", "")), str(run.get("status-details", "") or "")
+    raise RunError(f"`flwr ls` does not list run {run_id}")
+
+
+def is_finished(status: str) -> bool:
+    return status.split(":", 1)[0] == FINISHED
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _first_line(text: str) -> str:
+    for line in _ANSI.sub("", text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def check_connection(connection: str, env: Mapping[str, str] | None = None) -> None:
+    """Fail with one clear line when `connection` is not in $FLWR_HOME/config.toml."""
+    path = flwr_home(env) / "config.toml"
+    try:
+        links = tomllib.loads(path.read_text()).get("superlink", {}) if path.is_file() else {}
+    except tomllib.TOMLDecodeError as e:
+        raise RunError(f"{path}: not valid TOML ({e})") from None
+    if not isinstance(links.get(connection), dict):
+        raise RunError(f"no SuperLink connection {connection!r} in {path} (add it with `cutfl connect "
+                       f"{connection} --address HOST:PORT --root-certificates CA`)")
+
+
+def run_config_args(run_config: Mapping[str, Any]) -> list[str]:
+    """`--run-config` arguments, one per key, values as TOML (strings quoted, booleans lower case)."""
+    args: list[str] = []
+    for key, value in run_config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            value = str(value)
+            if "'" not in value:
+                text = f"'{value}'"  # TOML literal string: no escapes to worry about
+            elif '"' not in value and "\\" not in value:
+                text = f'"{value}"'
+            else:
+                raise ValueError(f"run config {key}: a value holding both ' and \" cannot be passed to flwr")
+        args += ["--run-config", f"{key}={text}"]
+    return args
+
+
+def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([executable("flwr"), *args], capture_output=True, text=True, env=dict(env),
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
+
+
+def start_run(app_dir: Path | str, connection: str, run_config: Mapping[str, Any] | None = None, *,
+              env: Mapping[str, str] | None = None, timeout: float = 120.0) -> int:
+    """`flwr run APP CONN --run-config ... --format json`; returns the run id."""
+    env = flwr_env() if env is None else env
+    check_connection(connection, env)
+    proc = _flwr(["run", str(app_dir), connection, *run_config_args(run_config or {}), "--format", "json"], env,
+                 timeout)
+    if proc.returncode != 0 and "{" not in proc.stdout:
+        raise RunError(f"`flwr run` exited {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+    return run_id_from_output(proc.stdout)
+
+
+def run_status(connection: str, run_id: int, *, env: Mapping[str, str] | None = None,
+               timeout: float = 60.0) -> tuple[str, str]:
+    env = flwr_env() if env is None else env
+    proc = _flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], env, timeout)
+    if proc.returncode != 0 and "{" not in proc.stdout:
+        raise RunError(f"`flwr ls` exited {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+    return status_from_output(proc.stdout, run_id)
+
+
+def stop_run(connection: str, run_id: int, *, env: Mapping[str, str] | None = None) -> None:
+    """Best effort `flwr stop ID CONN` (after a timeout, so the run does not go on unattended)."""
+    try:
+        _flwr(["stop", str(run_id), connection, "--format", "json"], flwr_env() if env is None else env, 60.0)
+    except RunError:
+        pass
+
+
+def run_logs(connection: str, run_id: int, *, env: Mapping[str, str] | None = None) -> str:
+    """The run's logs so far (`flwr log ID CONN --show`), for diagnosing a failed run."""
+    try:
+        proc = _flwr(["log", str(run_id), connection, "--show"], flwr_env() if env is None else env, 60.0)
+    except RunError as e:
+        return str(e)
+    return _ANSI.sub("", proc.stdout + proc.stderr)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: int
+    status: str  # finished:completed, finished:failed, finished:stopped, or the last status seen (timeout)
+    details: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == COMPLETED
+
+
+def wait_for_run(connection: str, run_id: int, *, timeout: float = 3600.0, poll: float = 2.0,
+                 env: Mapping[str, str] | None = None, stop_on_timeout: bool = True,
+                 max_errors: int = 3) -> RunResult:
+    """Poll the run's status until it is finished or `timeout` seconds passed (then stop it).
+
+    A status query that fails (SuperLink briefly unreachable) is retried; `max_errors` failures in a row
+    end the wait with that error.
+    """
+    start = time.monotonic()
+    status, details, errors = "", "", 0
+    while True:
+        try:
+            status, details = run_status(connection, run_id, env=env)
+            errors = 0
+        except RunError:
+            errors += 1
+            if errors >= max_errors:
+                raise
+        if is_finished(status):
+            return RunResult(run_id, status, details, time.monotonic() - start)
+        if time.monotonic() - start > timeout:
+            if stop_on_timeout:
+                stop_run(connection, run_id, env=env)
+            return RunResult(run_id, f"timeout:{status or 'unknown'}", f"not finished after {timeout:.0f} s",
+                             time.monotonic() - start)
+        time.sleep(poll)
+
+
+def run_and_wait(app_dir: Path | str, connection: str, run_config: Mapping[str, Any] | None = None, *,
+                 timeout: float = 3600.0, poll: float = 2.0, env: Mapping[str, str] | None = None) -> RunResult:
+    """Start the run and wait for its final status (check `.ok`; `describe` gives a one-line summary)."""
+    run_id = start_run(app_dir, connection, run_config, env=env)
+    return wait_for_run(connection, run_id, timeout=timeout, poll=poll, env=env)
+
+
+def describe(result: RunResult) -> str:
+    """One line: `run 7 finished:failed after 31 s (details)`."""
+    extra = f" ({_first_line(result.details)})" if result.details.strip() else ""
+    return f"run {result.run_id} {result.status} after {result.seconds:.0f} s{extra}"
+
+
+def exit_code(result: RunResult) -> int:
+    """0 only for finished:completed."""
+    return 0 if result.ok else 1
+
+
+__all__ = [
+    "COMPLETED", "RunError", "RunResult", "check_connection", "describe", "executable", "exit_code", "flwr_env", "flwr_home",
+    "is_finished", "parse_json_output", "run_and_wait", "run_config_args", "run_id_from_output", "run_logs",
+    "run_status", "start_run", "status_from_output", "stop_run", "wait_for_run", "write_connection",
+]
