@@ -4,6 +4,7 @@
 |-----------------|----------------------------------------------------------------------------|
 | query.profile   | works out who it is (node config, or the fleet description in simulation) and replies with its TaskProfile |
 | query.score     | scores its tasks' channels on its private data; replies with an ImportanceReport (scores only) |
+| train (SecAgg+) | secure mode: the same scoring, sent as one masked vector whose sum the server learns (client.secure) |
 | train.deliver   | verifies, rebuilds, adapts and stores its compact model; replies with what it holds (+ one-shot metrics) |
 | train.finetune  | distils its compact model from its dense base on local data; replies with the weights (FedAvg) |
 | evaluate        | per-task metrics of dense vs compact on its held-out data, and both models' sizes |
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
-from client import base, store
+from client import base, secure, store
 from client.data import LocalData, local_data
 from client.device import Device, FleetSpec, device_from_node_config
 from client.records import (
@@ -122,11 +124,24 @@ def _stored(device: Device) -> store.StoredModel:
     return stored
 
 
+def _scored_base(device: Device) -> dict:
+    """The base model I scored: {base_sha256, tasks, directory} (kept on disk: it survives restarts)."""
+    scored = _models(device).scored()
+    if scored is None:
+        raise ValidationError("device: a model was delivered before any scoring request")
+    return scored
+
+
 def _dense(context: Context, device: Device) -> MultiTaskModel:
-    state = _state(context)
-    if "base_sha" not in state:
-        raise ValidationError("device: it has not been sent a base model")
-    return base.decomposed(str(state["base_sha"]), tuple(state["base_tasks"]), str(state["base_dir"]))
+    scored = _scored_base(device)
+    return base.decomposed(scored["base_sha256"], tuple(scored["tasks"]), scored["directory"])
+
+
+def _maybe_drop_out(device: Device, phase: str) -> None:
+    """A test device told to drop out at `phase` goes away: like a SuperNode that lost its connection, whose
+    pending message Flower answers with an error (NODE_UNAVAILABLE)."""
+    if device.misbehave == f"drop-{phase}":
+        raise ConnectionError(f"device dropped out during {phase} (misbehave=drop-{phase})")
 
 
 def _seed(cfg: ConfigRecord, device: Device) -> int:
@@ -153,26 +168,46 @@ def profile(msg: Message, context: Context) -> Message:
 @guarded
 def score(msg: Message, context: Context) -> Message:
     """Per-task channel scores of my decomposed base model on my own data; only scores leave."""
+    device, cfg, request, model, data = _scoring_inputs(msg, context)
+    dtype = optional_field(cfg, "dtype", str, "float16")
+    header, arrays = score_and_encode(device, model, data, request, dtype, _seed(cfg, device))
+    if device.misbehave == "slow":
+        time.sleep(device.slow_seconds)
+    content = RecordDict({REPORT: ConfigRecord({"header": header}), SCORES: arrays_record(arrays)})
+    return Message(content, reply_to=msg)
+
+
+def _refusals(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Outermost mod of the secure handler: its failures become error replies like every other handler's."""
+    return guarded(call_next)(msg, context)
+
+
+@app.train(mods=[_refusals, secaggplus_mod])
+def secure_score(msg: Message, context: Context) -> Message:
+    """query.score under SecAgg+ (`[scoring] secure_aggregation`): the same request and scoring, sent as one
+    vector (client.secure) that secaggplus_mod masks; the server learns only the sum over devices."""
+    device, cfg, request, model, data = _scoring_inputs(msg, context)
+    layout = secure.Layout.from_json(field(cfg, secure.LAYOUT_FIELD, str, REQUEST))
+    vector = secure.secure_vector(device, model, data, request, layout, _seed(cfg, device))
+    return Message(secure.legacy_reply(vector), reply_to=msg)
+
+
+def _scoring_inputs(msg: Message, context: Context):
+    """A scoring request checked against who I am, my decomposed base model (refused if the base model or
+    tasks do not match) and my data: (device, config, request, model, data)."""
     device = _device(context)
     cfg = config_of(msg.content, REQUEST)
     request = decode_request(field(cfg, "data", bytes, REQUEST), known_tasks=device.tasks)
     if set(request.tasks) != set(device.tasks):
         raise ValidationError(f"ScoringRequest: tasks {list(request.tasks)} are not this device's {list(device.tasks)}")
     model = _receive_base(msg, context, device, cfg, request.base_model_sha256, tuple(request.tasks))
-    data = local_data(device)
-    dtype = optional_field(cfg, "dtype", str, "float16")
-    header, arrays = score_and_encode(device, model, data, request, dtype, _seed(cfg, device))
-    if device.misbehave == "slow":
-        time.sleep(float(context.node_config.get("slow-seconds", 30.0)))
-    content = RecordDict({REPORT: ConfigRecord({"header": header}), SCORES: arrays_record(arrays)})
-    return Message(content, reply_to=msg)
+    return device, cfg, request, model, local_data(device)
 
 
 def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRecord, sha: str,
                   tasks: tuple[str, ...]) -> MultiTaskModel:
     """My decomposed base model, by the transport the server chose (shared path or arrays)."""
     transport = optional_field(cfg, "transport", str, "path")
-    state = _state(context)
     if transport == "path":
         directory = field(cfg, "base_model_dir", str, REQUEST)
         model = base.decomposed(sha, tasks, directory)
@@ -183,7 +218,7 @@ def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRec
                                  field(cfg, "base_arrays_sha256", str, REQUEST), Path(directory))
     else:
         raise ValidationError(f"ScoringRequest: unknown model transport {transport!r}")
-    state["base_sha"], state["base_dir"], state["base_tasks"] = sha, directory, list(tasks)
+    _models(device).note_scored(sha, tasks, directory)
     return model
 
 
@@ -192,13 +227,12 @@ def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRec
 def deliver(msg: Message, context: Context) -> Message:
     """Verify, adapt and keep my compact model; report what I received and hold (+ one-shot metrics)."""
     device = _device(context)
-    state = _state(context)
-    if "base_sha" not in state:
-        raise ValidationError("device: a model was delivered before any scoring request")
+    _maybe_drop_out(device, "deliver")
+    scored = _scored_base(device)
     cfg = msg.content.config_records.get(CONFIG) or ConfigRecord()
     spec_bytes = field(config_of(msg.content, SPEC), "data", bytes, SPEC)
     arrays = record_arrays(msg.content.array_records.get(WEIGHTS), WEIGHTS)
-    model, spec = store.receive(spec_bytes, arrays, device.tasks, str(state["base_sha"]))
+    model, spec = store.receive(spec_bytes, arrays, device.tasks, scored["base_sha256"])
     model, stored = _adopt(context, device, cfg, model, spec.plan, spec.weights_sha256)
     metrics: dict[str, float] = {"params": float(count_params(model))}
     if optional_field(cfg, "evaluate", bool, False):
@@ -212,6 +246,7 @@ def deliver(msg: Message, context: Context) -> Message:
 def finetune_round(msg: Message, context: Context) -> Message:
     """K steps of task loss + distillation from my dense base, on my data; reply with the weights."""
     device = _device(context)
+    _maybe_drop_out(device, "finetune")
     cfg = config_of(msg.content, CONFIG)
     stored = _adopt_sent_weights(msg, context, device, cfg)
     data = local_data(device)
@@ -233,6 +268,7 @@ def finetune_round(msg: Message, context: Context) -> Message:
 def evaluate_models(msg: Message, context: Context) -> Message:
     """Dense vs compact on my held-out samples, per task, plus both models' parameters and MACs."""
     device = _device(context)
+    _maybe_drop_out(device, "evaluate")
     cfg = config_of(msg.content, CONFIG)
     stored = _adopt_sent_weights(msg, context, device, cfg)
     compact = store.load(stored)

@@ -14,16 +14,15 @@ Loaded models are cached per process (simulation runs many devices per Ray actor
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from client.records import arrays_state
+from client.records import arrays_state, build_architecture
 from cut.checkpoint import load_model, read_card, save_model
 from cut.messages import ValidationError
-from cut.models import ModelConfig, MultiTaskModel, build_model
+from cut.models import MultiTaskModel
 from cut.wire import arrays_sha256
 
 _FULL: dict[tuple[str, str], MultiTaskModel] = {}
@@ -74,19 +73,15 @@ def from_arrays(
     """Verify and rebuild a decomposed base sent as arrays; keep it in the device store."""
     if arrays_sha256(arrays) != arrays_sha:
         raise ValidationError("base model: arrays sha256 does not match the request")
-    try:
-        config = ModelConfig.from_dict(json.loads(architecture_json))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValidationError(f"base model: bad architecture ({e})") from None
-    if set(config.task_names) != set(tasks):
-        raise ValidationError(f"base model: architecture has heads {config.task_names}, expected {list(tasks)}")
-    model = build_model(config)
+    model = build_architecture(architecture_json, "base model")  # bounded, never a raw torch error
+    if set(model.task_names) != set(tasks):
+        raise ValidationError(f"base model: architecture has heads {model.task_names}, expected {list(tasks)}")
     try:
         model.load_state_dict(arrays_state(arrays), strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         raise ValidationError(f"base model: weights do not fit the architecture ({str(e).splitlines()[0]})") from None
     model.eval()
-    save_model(store_dir, model, {"base_model_sha256": sha256, "tasks": list(config.task_names)})
+    save_model(store_dir, model, {"base_model_sha256": sha256, "tasks": list(model.task_names)})
     _DECOMPOSED[(sha256, tuple(tasks))] = model
     return model
 

@@ -18,9 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from cut.messages import Budget, TaskProfile
+from cut.messages import Budget, TaskProfile, ValidationError
 
-MISBEHAVIOURS = ("", "nan", "wrong-length", "unknown-task", "negative", "crash", "bad-profile", "slow")
+# How a test device misbehaves: corrupt reports (nan, wrong-length, unknown-task, negative), fail while
+# scoring (crash), claim a task the model lacks (bad-profile), answer the score query after the server's
+# timeout (slow: sleeps slow_seconds), or drop out of the federation at a later phase (drop-<phase>: the
+# device goes away, and the server gets the error Flower sends for an unavailable node).
+DROPOUT_PHASES = ("deliver", "finetune", "evaluate")
+MISBEHAVIOURS = ("", "nan", "wrong-length", "unknown-task", "negative", "crash", "bad-profile", "slow",
+                 *(f"drop-{phase}" for phase in DROPOUT_PHASES))
 
 
 @dataclass(frozen=True)
@@ -88,19 +94,23 @@ class FleetSpec:
 
     @classmethod
     def from_json(cls, text: str) -> FleetSpec:
-        d = json.loads(text)
-        return cls(
-            tasks=tuple(d["tasks"]),
-            classes=tuple(DeviceClass(**c) for c in d["classes"]),
-            subsets=tuple((tuple(t), float(w)) for t, w in d.get("subsets", ())),
-            overrides={int(k): dict(v) for k, v in d.get("overrides", {}).items()},
-            data=DataSpec(**d.get("data", {})),
-            seed=int(d.get("seed", 0)),
-            store_root=str(d.get("store_root", "")),
-        )
+        """The fleet description the server sends; anything malformed is a ValidationError naming it."""
+        try:
+            d = json.loads(text)
+            return cls(
+                tasks=tuple(d["tasks"]),
+                classes=tuple(DeviceClass(**c) for c in d["classes"]),
+                subsets=tuple((tuple(t), float(w)) for t, w in d.get("subsets", ())),
+                overrides={int(k): dict(v) for k, v in d.get("overrides", {}).items()},
+                data=DataSpec(**d.get("data", {})),
+                seed=int(d.get("seed", 0)),
+                store_root=str(d.get("store_root", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValidationError(f"fleet: bad fleet spec ({type(e).__name__}: {e})") from None
 
 
-OVERRIDE_KEYS = {"tasks", "class", "budget", "budget_kind", "priority", "misbehave", "device_id"}
+OVERRIDE_KEYS = {"tasks", "class", "budget", "budget_kind", "priority", "misbehave", "device_id", "slow_seconds"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class Device:
     store_root: str = ""
     store_shared: bool = False  # store_root is the fleet's (simulation): the device keeps its models in a subdir
     store_keep: int = 3  # models kept on the device (the active one and the previous ones)
+    slow_seconds: float = 30.0  # misbehave=slow: how long the device takes to answer the score query
 
     def profile(self, samples: int) -> TaskProfile:
         """The TaskProfile this device sends: every scenes-like sample carries every task's labels."""
@@ -159,6 +170,7 @@ def assign(fleet: FleetSpec, partition_id: int, num_partitions: int) -> Device:
         data=fleet.data,
         priorities={str(k): float(v) for k, v in over.get("priority", {}).items()},
         misbehave=str(over.get("misbehave", "")),
+        slow_seconds=float(over.get("slow_seconds", 30.0)),
         store_root=fleet.store_root,
         store_shared=True,
     )
@@ -223,9 +235,11 @@ def device_from_node_config(node_config: Mapping[str, Any], fleet: FleetSpec | N
         device = replace(device, store_keep=keep)
     if "misbehave" in node_config:
         device = replace(device, misbehave=str(node_config["misbehave"]))
+    if "slow-seconds" in node_config:
+        device = replace(device, slow_seconds=float(node_config["slow-seconds"]))
     if device.misbehave not in MISBEHAVIOURS:
         raise ValueError(f"device: unknown misbehave {device.misbehave!r}")
     return device
 
 
-__all__ = ["DataSpec", "Device", "DeviceClass", "FleetSpec", "MISBEHAVIOURS", "assign", "device_from_node_config"]
+__all__ = ["DROPOUT_PHASES", "DataSpec", "Device", "DeviceClass", "FleetSpec", "MISBEHAVIOURS", "assign", "device_from_node_config"]

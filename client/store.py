@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import arrays_state, state_arrays
+from client.records import arrays_state, build_architecture, state_arrays
 from cut.checkpoint import NotAModelDir, atomic_write, load_model, save_model
 from cut.compact import PlanMismatch, apply_plan
 from cut.messages import CompactModelSpec, ValidationError
-from cut.models import ModelConfig, MultiTaskModel, build_model
+from cut.models import MultiTaskModel
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, decode_spec, verify_weights
 
@@ -55,19 +55,15 @@ def accept_spec(data: bytes, tasks: Collection[str], base_sha256: str) -> Compac
 
 def rebuild(architecture: Mapping, plan: PruningPlan, arrays: Mapping[str, np.ndarray]) -> MultiTaskModel:
     """Architecture config + plan + weights -> the compact model (eval mode)."""
-    try:
-        config = ModelConfig.from_dict(dict(architecture))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValidationError(f"CompactModelSpec: bad architecture ({e})") from None
-    if tuple(config.task_names) != tuple(plan.tasks):
-        raise ValidationError(f"CompactModelSpec: architecture heads {config.task_names} differ from the plan's")
-    model = build_model(config)
+    model = build_architecture(architecture, "CompactModelSpec")  # bounded, never a raw torch error
+    if tuple(model.task_names) != tuple(plan.tasks):
+        raise ValidationError(f"CompactModelSpec: architecture heads {model.task_names} differ from the plan's")
     try:
         apply_plan(model, plan)
         model.load_state_dict(arrays_state(arrays), strict=True)
     except PlanMismatch as e:
         raise ValidationError(f"CompactModelSpec: plan does not fit the architecture ({e})") from None
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # TypeError: an array dtype torch cannot hold
         raise ValidationError(f"weights do not fit the compact architecture ({str(e).splitlines()[0]})") from None
     model.eval()
     return model
@@ -106,6 +102,7 @@ class ModelStore:
 
         root/models/<weights sha256>/   model.json + weights.pt (cut.checkpoint), renamed into place whole
         root/active.json                the active model and the activation history (newest first)
+        root/scored.json                the base model the device last scored (what deliveries must match)
 
     A model directory appears only complete (written under a temporary name, then renamed), and the active
     pointer is replaced atomically, so a crash at any point leaves the previous active model intact. A
@@ -114,6 +111,7 @@ class ModelStore:
     """
 
     ACTIVE = "active.json"
+    SCORED = "scored.json"
 
     def __init__(self, root: str | Path, keep: int = 3) -> None:
         if keep < 1:
@@ -180,6 +178,24 @@ class ModelStore:
         if PruningPlan.from_dict(card["plan"]).plan_hash != stored.plan_hash:
             raise ValidationError("model store: active model's plan differs from the pointer's")
         return model, card
+
+    def note_scored(self, base_sha256: str, tasks: Collection[str], directory: str) -> None:
+        """Remember which base model this device scored (and where it is), so that a delivery after a
+        restart of the device or the server can still be checked against it."""
+        record = {"base_sha256": base_sha256, "tasks": list(tasks), "directory": str(directory)}
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.root / self.SCORED, json.dumps(record).encode())
+
+    def scored(self) -> dict | None:
+        """{base_sha256, tasks, directory} of the base model this device last scored, or None."""
+        path = self.root / self.SCORED
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            return None
+        ok = isinstance(record, dict) and isinstance(record.get("base_sha256"), str) and isinstance(
+            record.get("tasks"), list) and isinstance(record.get("directory"), str)
+        return record if ok else None
 
     def _pointer(self) -> dict | None:
         path = self.root / self.ACTIVE

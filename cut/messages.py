@@ -45,6 +45,8 @@ class Limits:
     max_tasks: int = 64
     max_groups: int = 100_000  # channel groups per task (report) or per plan
     max_name_len: int = 256  # ids, task, group, criterion and metric names
+    max_arrays: int = 100_000  # named arrays next to one message (score vectors, a model's state dict)
+    max_metrics: int = 4096  # entries of one metric record (per task and metric, dense and compact)
 
 
 DEFAULT_LIMITS = Limits()
@@ -83,6 +85,8 @@ def check_name(where: str, what: str, value: Any, limits: Limits = DEFAULT_LIMIT
         fail(where, f"{what} must be a non-empty string, got {value!r:.80}")
     if len(value) > limits.max_name_len:
         fail(where, f"{what} is {len(value)} characters long (max {limits.max_name_len})")
+    if not value.isprintable():  # names end up in logs and report tables: one line, no control characters
+        fail(where, f"{what} contains control or non-printable characters: {value!r:.80}")
 
 
 def check_sha256(where: str, what: str, value: Any, expected: str | None = None) -> None:
@@ -189,6 +193,8 @@ class TaskProfile:
         check_name(where, "device_id", self.device_id, limits)
         if not isinstance(self.device_class, str) or len(self.device_class) > limits.max_name_len:
             fail(where, f"device_class must be a string of at most {limits.max_name_len} characters")
+        if not self.device_class.isprintable():
+            fail(where, f"device_class contains control or non-printable characters: {self.device_class!r:.80}")
         check_tasks(where, self.tasks, known_tasks, limits)
         if not isinstance(self.budget, Budget):
             fail(where, "missing budget")

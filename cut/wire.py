@@ -9,6 +9,7 @@ decoders bound sizes before parsing and turn every failure into a ValidationErro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -42,7 +43,9 @@ from cut.proto import cutfl_pb2 as pb
 __all__ = [
     "PROTOCOL_VERSION",
     "ValidationError",
+    "arrays_limits",
     "arrays_sha256",
+    "check_arrays",
     "decode_plan",
     "decode_profile",
     "decode_report",
@@ -55,6 +58,7 @@ __all__ = [
     "encode_spec",
     "payload_nbytes",
     "report_key",
+    "report_limits",
     "verify_weights",
 ]
 
@@ -244,6 +248,8 @@ def encode_report(
     nbytes = sum(a.nbytes for a in arrays.values())
     if nbytes > limits.max_array_bytes:
         fail(where, f"score arrays are {nbytes} bytes (max {limits.max_array_bytes})")
+    if len(arrays) > limits.max_arrays:
+        fail(where, f"{len(arrays)} score vectors (max {limits.max_arrays})")
     return _serialize(header, where, limits), arrays
 
 
@@ -267,7 +273,7 @@ def decode_report(
     if msg.dtype not in _DTYPE_FROM_PB:
         fail(where, f"unknown score dtype {msg.dtype} on the wire")
     dtype = np.dtype(_DTYPE_FROM_PB[msg.dtype])
-    _check_arrays(where, arrays, limits)
+    check_arrays(where, arrays, limits)
     tasks = [t.task for t in msg.tasks]
     check_tasks(where, tasks, known_tasks, limits)
     expected: dict[str, tuple[str, str]] = {}
@@ -280,6 +286,8 @@ def decode_report(
             if key in expected:
                 fail(where, f"task {entry.task!r}: group {group!r} is named twice")
             expected[key] = (entry.task, group)
+            if len(expected) > limits.max_arrays:
+                fail(where, f"the header names more than {limits.max_arrays} score vectors")
     missing = set(expected) - set(arrays)
     if missing:
         fail(where, f"missing score array(s) {sorted(missing)[:5]} named by the header")
@@ -291,6 +299,12 @@ def decode_report(
         arr = arrays[key]
         if arr.dtype != dtype:
             fail(where, f"array {key!r} has dtype {arr.dtype}, the header says {dtype}")
+        # Shapes before the copy below, so a huge or misshapen array is refused without converting it.
+        if arr.ndim != 1 or arr.size == 0:
+            fail(where, f"task {task!r}, group {group!r}: scores must be a non-empty 1-D vector, got shape {arr.shape}")
+        size = group_sizes.get(group) if group_sizes is not None else None
+        if size is not None and len(arr) != size:
+            fail(where, f"task {task!r}, group {group!r}: {len(arr)} scores, expected {size} (group size)")
         scores[task][group] = np.array(arr, dtype=np.float32)  # a private float32 copy
     report = ImportanceReport(
         device_id=msg.device_id,
@@ -304,21 +318,56 @@ def decode_report(
     return report
 
 
-def _check_arrays(where: str, arrays: Any, limits: Limits) -> None:
-    """Arrays beside a header: a str -> ndarray mapping, bounded in count and bytes."""
+def check_arrays(where: str, arrays: Any, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Arrays beside a header: a str -> ndarray mapping (no object dtypes), bounded in count and bytes."""
     if not isinstance(arrays, Mapping):
         fail(where, f"arrays must be a mapping name -> numpy array, got {type(arrays).__name__}")
-    if len(arrays) > limits.max_tasks * limits.max_groups:
-        fail(where, f"{len(arrays)} arrays (too many)")
+    if len(arrays) > limits.max_arrays:
+        fail(where, f"{len(arrays)} arrays (max {limits.max_arrays})")
     nbytes = 0
     for key, arr in arrays.items():
         if not isinstance(key, str):
             fail(where, f"array keys must be strings, got {type(key).__name__}")
         if not isinstance(arr, np.ndarray):
             fail(where, f"array {key!r:.80} is a {type(arr).__name__}, not a numpy array")
+        if arr.dtype.hasobject:
+            fail(where, f"array {key!r:.80} has an object dtype")
         nbytes += arr.nbytes
         if nbytes > limits.max_array_bytes:
             fail(where, f"arrays exceed {limits.max_array_bytes} bytes (too large)")
+
+
+def report_limits(
+    tasks: Collection[str],
+    group_sizes: Mapping[str, int],
+    task_groups: Mapping[str, Collection[str]] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Limits:
+    """`limits` tightened to the one ImportanceReport a device can validly send for `tasks`: one array per
+    (task, group) and one float32 (the widest score dtype) per channel. A receiver passes them to the code
+    that reads the arrays off the transport, so an oversized upload is refused before it is even parsed."""
+    arrays = elements = 0
+    for task in tasks:
+        expected = task_groups.get(task) if task_groups is not None else None
+        for group in expected if expected is not None else group_sizes:
+            arrays += 1
+            elements += int(group_sizes.get(group, 0))
+    itemsize = max(np.dtype(d).itemsize for d in SCORE_DTYPES)
+    return dataclasses.replace(
+        limits,
+        max_arrays=min(limits.max_arrays, arrays),
+        max_array_bytes=min(limits.max_array_bytes, elements * itemsize),
+        max_elements=min(limits.max_elements, elements),
+    )
+
+
+def arrays_limits(reference: Mapping[str, np.ndarray], limits: Limits = DEFAULT_LIMITS) -> Limits:
+    """`limits` tightened to arrays shaped like `reference` (e.g. a fine-tuned update of a plan's weights):
+    as many arrays and bytes as it has, so a bloated upload is refused before it is parsed."""
+    nbytes = sum(int(np.asarray(a).nbytes) for a in reference.values())
+    return dataclasses.replace(
+        limits, max_arrays=min(limits.max_arrays, len(reference)), max_array_bytes=min(limits.max_array_bytes, nbytes)
+    )
 
 
 def payload_nbytes(header: bytes, arrays: Mapping[str, np.ndarray] | None = None) -> int:
@@ -480,8 +529,13 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def verify_weights(spec: CompactModelSpec, arrays: Mapping[str, np.ndarray]) -> None:
+def verify_weights(
+    spec: CompactModelSpec, arrays: Mapping[str, np.ndarray], *, limits: Limits = DEFAULT_LIMITS
+) -> None:
     """A device checks the weights it received are the ones the spec was built for."""
+    if not isinstance(spec, CompactModelSpec):
+        fail("CompactModelSpec", f"expected a CompactModelSpec, got {type(spec).__name__}")
+    check_arrays("CompactModelSpec weights", arrays, limits)
     got = arrays_sha256(arrays)
     if got != spec.weights_sha256:
         fail("CompactModelSpec", f"weights sha256 mismatch: got {got[:12]}..., expected {spec.weights_sha256[:12]}...")

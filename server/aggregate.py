@@ -6,7 +6,18 @@ it, so a device that did not cannot outweigh the others by scale), then combined
 
 - `weighted-mean` (default): weighted by the samples the device used for t, capped at the samples it
   declared in its profile (a device cannot buy influence by claiming more);
-- `median`: coordinate-wise median, unweighted: robust to a minority of outlying or poisoned reports.
+- `median`: coordinate-wise median, unweighted: robust to a minority of outlying or poisoned reports;
+- `trimmed-mean`: coordinate-wise, unweighted: at every channel the `trim_fraction` largest and smallest
+  values (floor(trim_fraction * n) devices at each end) are dropped and the rest averaged. Robust like the
+  median when fewer than trim_fraction of the devices are hostile, and less noisy than the median.
+
+Server clipping (`server_clip` > 0, any rule): before combining, each device's normalised vector of each
+(task, group) is scaled down to L2 norm at most server_clip x the median of that (task, group)'s norms
+over the devices. Normalisation fixes how much importance a report holds in total; clipping bounds how
+much of it one report can pile onto a few channels of one layer (a crafted report that puts all its
+mass on channels it wants kept has a far larger norm than an honest one). See BENCHMARKS.md
+("Robust aggregation") for the measured effect against crafted reports. Robust rules and clipping need
+the individual reports: under secure aggregation the server holds only sums, so neither applies there.
 
 Personalisation (`planning.personalisation`, alpha in [0, 1]): a device's plan is made from
 `(1 - alpha) * aggregate_t + alpha * own_t` for each of its tasks. alpha = 0 (default) uses the fleet's
@@ -45,17 +56,53 @@ def _median(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return np.median(np.stack(vectors), axis=0)
 
 
-AGGREGATORS: dict[str, Callable[[list[np.ndarray], list[float]], np.ndarray]] = {
-    "weighted-mean": _weighted_mean,
-    "median": _median,
+def trimmed_mean(vectors: list[np.ndarray], trim_fraction: float) -> np.ndarray:
+    """Coordinate-wise mean after dropping floor(trim_fraction * n) values at each end (unweighted).
+
+    With too few devices to drop any (n * trim_fraction < 1) it is the plain mean; it never drops all.
+    """
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    stack = np.sort(np.stack(vectors).astype(np.float64), axis=0)
+    n = stack.shape[0]
+    k = min(int(np.floor(trim_fraction * n + 1e-9)), (n - 1) // 2)
+    return stack[k:n - k].mean(0)
+
+
+def _trimmed(trim_fraction: float) -> Callable[[list[np.ndarray], list[float]], np.ndarray]:
+    trimmed_mean([np.zeros(1)], trim_fraction)  # validates trim_fraction up front
+    return lambda vectors, weights: trimmed_mean(vectors, trim_fraction)
+
+
+# rule -> (trim_fraction -> combine(vectors, weights))
+AGGREGATORS: dict[str, Callable[[float], Callable[[list[np.ndarray], list[float]], np.ndarray]]] = {
+    "weighted-mean": lambda trim_fraction: _weighted_mean,
+    "median": lambda trim_fraction: _median,
+    "trimmed-mean": _trimmed,
 }
 
 
-def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean") -> TaskScores:
-    """task -> group -> aggregated scores over the devices that scored the task."""
+def clip_to_median(vectors: list[np.ndarray], factor: float) -> list[np.ndarray]:
+    """Each vector scaled down to L2 norm <= factor x the median norm of `vectors` (factor <= 0: as is)."""
+    if factor <= 0 or not vectors:
+        return vectors
+    norms = np.array([float(np.linalg.norm(v)) for v in vectors])
+    bound = factor * float(np.median(norms))
+    return [v * (bound / n) if n > bound else v for v, n in zip(vectors, norms, strict=True)]
+
+
+def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean", *, trim_fraction: float = 0.1,
+              server_clip: float = 0.0) -> TaskScores:
+    """task -> group -> aggregated scores over the devices that scored the task.
+
+    `trim_fraction` is the share dropped at each end by `trimmed-mean`; `server_clip` > 0 clips every
+    device's (task, group) vector to server_clip x the median norm of that (task, group) first.
+    """
     if rule not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {rule!r}; known: {', '.join(AGGREGATORS)}")
-    combine = AGGREGATORS[rule]
+    if server_clip < 0 or not np.isfinite(server_clip):
+        raise ValueError(f"server_clip must be a finite number >= 0, got {server_clip}")
+    combine = AGGREGATORS[rule](trim_fraction)
     collected: dict[str, dict[str, tuple[list[np.ndarray], list[float]]]] = {}
     for scores, weights in contributions:
         for task, groups in normalised(scores).items():
@@ -63,7 +110,7 @@ def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean"
                 vectors, ws = collected.setdefault(task, {}).setdefault(group, ([], []))
                 vectors.append(vec)
                 ws.append(float(weights.get(task, 0.0)))
-    return {task: {g: combine(v, w).astype(np.float32) for g, (v, w) in groups.items()}
+    return {task: {g: combine(clip_to_median(v, server_clip), w).astype(np.float32) for g, (v, w) in groups.items()}
             for task, groups in collected.items()}
 
 
@@ -122,4 +169,5 @@ def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     return ""
 
 
-__all__ = ["AGGREGATORS", "aggregate", "check_update", "fedavg", "fuse_for_device", "normalised", "personalise"]
+__all__ = ["AGGREGATORS", "aggregate", "check_update", "clip_to_median", "fedavg", "fuse_for_device", "normalised",
+           "personalise", "trimmed_mean"]

@@ -49,15 +49,18 @@ from client.records import (
     metric_value,
     read_metrics,
     record_arrays,
+    sha256_field,
 )
 from cut.budget import BUDGET_KINDS, BudgetOptions
-from cut.messages import PrivacySettings, ScoringRequest, ValidationError
-from cut.wire import decode_profile, decode_report, encode_request
+from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
+from cut.wire import arrays_limits, decode_profile, decode_report, encode_request, report_limits
 from server.aggregate import aggregate, check_update, fedavg, personalise
 from server.exchange import exchange, wait_for_nodes
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel, Build, PlanBook
 from server.report import write_report
+from server.rundir import RunState
+from server.secagg import secure_aggregate, secure_scores
 from server.settings import Settings, from_run_config, resolve
 
 app = ServerApp()
@@ -89,18 +92,38 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
         ledger = Ledger(wait_for_nodes(grid, settings.devices, settings.timeouts.nodes))
     with clock("profile"):
         collect_profiles(grid, ledger, settings, base)
+    state = RunState(settings.out_dir, base.sha256, settings.name, settings.resume)
     with clock("score"):
-        collect_scores(grid, ledger, settings, base)
+        restore_reports(ledger, state, base)
+        collect_scores(grid, ledger, settings, base, state)
     with clock("plan"):
         book = plan_devices(ledger, settings, base)
+        restore_weights(book, state)
     with clock("deliver"):
         deliver_models(grid, ledger, settings, book)
-    for round_ in range(1, settings.finetune.rounds + 1):
+    for round_ in range(state.finetune_round + 1, settings.finetune.rounds + 1):
         with clock(f"finetune-{round_}"):
             finetune_round(grid, ledger, settings, book, round_)
+            keep_weights(book, state, round_)
     with clock("evaluate"):
         evaluate_devices(grid, ledger, settings, book)
     return write_report(ledger, settings, base, book, seconds)
+
+
+def restore_weights(book: PlanBook, state: RunState) -> None:
+    """Keep every plan in the run directory; a resumed run continues from each plan's last averaged weights."""
+    for plan_hash, build in list(book.builds.items()):
+        state.keep_plan(build.plan)
+        kept = state.kept_weights(plan_hash) if state.finetune_round > 0 else None
+        if kept is not None and check_update(kept, build.arrays) == "":
+            book.with_weights(plan_hash, kept)
+
+
+def keep_weights(book: PlanBook, state: RunState, round_: int) -> None:
+    """After a finetune round: every plan's averaged weights, then the round number (in that order)."""
+    for plan_hash, build in book.builds.items():
+        state.keep_weights(plan_hash, build.arrays)
+    state.finished_round(round_)
 
 
 @contextlib.contextmanager
@@ -140,19 +163,48 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
 # -------------------------------------------------------------------------------------------- score
 
 
-def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel) -> None:
-    """query.score: each device scores its own tasks; invalid reports are rejected with the reason."""
+def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel, state: RunState | None = None
+                   ) -> None:
+    """query.score: each device scores its own tasks; invalid reports are rejected with the reason.
+
+    Devices whose report was restored from the run directory (a resumed run) are not asked again; new
+    valid reports are kept there."""
     make = score_content_factory(settings, base)
-    contents = {r.node_id: make(r) for r in ledger.active()}
+    if settings.scoring.secure_aggregation:  # SecAgg+: the server learns per-task sums only (server.secagg)
+        secure_aggregate(grid, ledger, settings, base, {r.node_id: make(r) for r in ledger.active()})
+        return
+    contents = {r.node_id: make(r) for r in ledger.active() if r.report is None}
     replies = exchange(grid, ledger, "score", SCORE, contents, settings.timeouts.score, settings.max_in_flight)
+    # No report can be larger than one for every task of the base model: anything beyond is refused before
+    # it is parsed, anything within is decoded and then checked against the device's own tasks.
+    every = base.task_names
+    upload_limits = report_limits(every, base.analysis(every).sizes, base.task_groups(every))
     for node_id, reply in replies.items():
         record = ledger.records[node_id]
         try:
-            record.report = read_report(reply, record, base)
+            header, arrays = report_parts(reply.content, upload_limits)
+            record.report = decode_device_report(header, arrays, record, base)
         except ValidationError as e:
             ledger.exclude(node_id, REJECTED, "score", str(e))
             continue
         record.bytes_up_scores = content_nbytes(reply.content)
+        record.report_source = "scored"
+        if state is not None:
+            state.keep_report(record.device_id, header, arrays)
+
+
+def restore_reports(ledger: Ledger, state: RunState, base: BaseModel) -> None:
+    """A resumed run: devices that reported before the restart get their kept report back (validated like a
+    fresh one); a kept report that no longer fits the device (other tasks, damaged) is dropped."""
+    for record in ledger.active():
+        kept = state.kept_report(record.device_id) if state.resumed else None
+        if kept is None:
+            continue
+        try:
+            record.report = decode_device_report(*kept, record, base)
+        except ValidationError:
+            continue  # the device scores again
+        record.report_source = "resumed"
 
 
 def score_content_factory(settings: Settings, base: BaseModel) -> Callable[[DeviceRecord], RecordDict]:
@@ -182,10 +234,15 @@ def score_content_factory(settings: Settings, base: BaseModel) -> Callable[[Devi
     return make
 
 
-def read_report(reply: Message, record: DeviceRecord, base: BaseModel):
+def report_parts(content: RecordDict, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, dict]:
+    """The wire parts of an ImportanceReport reply: protobuf header and score arrays (`limits`: what a valid
+    report for the device's tasks can hold, so an oversized upload is refused before it is parsed)."""
+    header = field(config_of(content, REPORT), "header", bytes, "ImportanceReport")
+    return header, record_arrays(content.array_records.get(SCORES), "ImportanceReport", limits)
+
+
+def decode_device_report(header: bytes, arrays: dict, record: DeviceRecord, base: BaseModel):
     """Decode and validate a device's ImportanceReport against what it was asked to score."""
-    header = field(config_of(reply.content, REPORT), "header", bytes, "ImportanceReport")
-    arrays = record_arrays(reply.content.array_records.get(SCORES), "ImportanceReport")
     report = decode_report(header, arrays, known_tasks=record.tasks, group_sizes=base.analysis(record.tasks).sizes,
                            task_groups=base.task_groups(record.tasks), base_model_sha256=base.sha256)
     if set(report.tasks) != set(record.tasks):
@@ -211,13 +268,16 @@ def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel) -> PlanBoo
     active = ledger.active()
     if not active:
         return book
-    aggregated = aggregate([(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation)
+    aggregated = secure_scores(ledger) if settings.scoring.secure_aggregation else aggregate(
+        [(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation,
+        trim_fraction=settings.scoring.trim_fraction, server_clip=settings.scoring.server_clip)
     for record in active:
         prof = record.profile
         key = None if p.personalisation > 0 else (
             record.tasks, prof.budget.kind, prof.budget.value, tuple(sorted(prof.task_priority.items())))
         try:
-            per_task = personalise(aggregated, record.report.scores, record.tasks, p.personalisation)
+            own = record.report.scores if record.report is not None else None  # None in secure mode
+            per_task = personalise(aggregated, own, record.tasks, p.personalisation)
             plan = book.plan(record.tasks, prof.budget, per_task, prof.task_priority, key)
             book.build(plan)
         except ValueError as e:
@@ -281,10 +341,10 @@ def adoption(settings: Settings) -> dict:
 def check_holding(reply: Message, build: Build, where: str) -> str:
     """The device must say it adopted exactly the weights of `build`; returns the sha256 it holds."""
     cfg = config_of(reply.content, CONFIG)
-    received = field(cfg, "received_sha256", str, where)
+    received = sha256_field(cfg, "received_sha256", where)
     if received != build.weights_sha256:
         raise ValidationError(f"{where}: device adopted weights {received[:12]}..., not {build.weights_sha256[:12]}...")
-    return field(cfg, "weights_sha256", str, where)
+    return sha256_field(cfg, "weights_sha256", where)
 
 
 def _task_metrics(metrics, prefix: str, record: DeviceRecord) -> dict[str, dict[str, float]]:
@@ -318,7 +378,8 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         record = ledger.records[node_id]
         build = book.builds[record.plan_hash]
         try:
-            arrays = record_arrays(reply.content.array_records.get(WEIGHTS), "finetune update")
+            arrays = record_arrays(reply.content.array_records.get(WEIGHTS), "finetune update",
+                                   arrays_limits(build.arrays))
             problem = check_update(arrays, build.arrays)
             if problem:
                 raise ValidationError(f"finetune update: {problem}")
@@ -354,14 +415,15 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
         record = ledger.records[node_id]
         try:
             metrics = reply.content.metric_records.get(METRICS)
-            record.metrics_dense = _task_metrics(metrics, "dense", record)
-            record.metrics_compact = _task_metrics(metrics, "compact", record)
-            for key in ("params_dense", "params_compact", "macs_dense", "macs_compact", "eval_samples"):
-                record.sizes[key] = metric_value(metrics, key, "evaluate reply")
-            record.held_sha256 = check_holding(reply, book.builds[record.plan_hash], "evaluate reply")
+            dense, compact = _task_metrics(metrics, "dense", record), _task_metrics(metrics, "compact", record)
+            sizes = {key: metric_value(metrics, key, "evaluate reply")
+                     for key in ("params_dense", "params_compact", "macs_dense", "macs_compact", "eval_samples")}
+            held = check_holding(reply, book.builds[record.plan_hash], "evaluate reply")
         except ValidationError as e:
             ledger.exclude(node_id, REJECTED, "evaluate", str(e))
             continue
+        record.metrics_dense, record.metrics_compact, record.held_sha256 = dense, compact, held
+        record.sizes.update(sizes)
         record.weights_sha256 = book.builds[record.plan_hash].weights_sha256
 
 

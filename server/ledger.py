@@ -3,15 +3,20 @@
 One `DeviceRecord` per node. A device is `ok` until a phase excludes it: `rejected` when what it sent
 breaks the contract (a wire ValidationError, a profile the server cannot serve) and `failed` when it did
 not answer in time or answered with an error. Excluded devices get no further messages; the others go on.
+Each exclusion is also logged (logger "cutfl.server", one WARNING line with node, device, phase, status
+and reason), so an operator sees it as it happens, not only in the final report.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from cut.messages import ImportanceReport, TaskProfile
 
 OK, REJECTED, FAILED = "ok", "rejected", "failed"
+
+log = logging.getLogger("cutfl.server")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class DeviceRecord:
     reason: str = ""
     phase: str = ""  # the phase that excluded it
     report: ImportanceReport | None = None
+    report_source: str = ""  # "scored" in this run, or "resumed" from the run directory
     plan_hash: str = ""
     weights_sha256: str = ""  # the server weights (build version) it adopted last
     held_sha256: str = ""  # the weights it holds (after its local BatchNorm re-estimation)
@@ -54,6 +60,8 @@ class Ledger:
         record = self.records[node_id]
         if record.ok:
             record.status, record.phase, record.reason = status, phase, f"{phase}: {reason}"
+            log.warning("excluded node %s (device %s) in phase %s: %s: %s", node_id, record.device_id or "?",
+                        phase, status, " ".join(str(reason).split()))
 
     def __iter__(self):
         return iter(self.records.values())

@@ -19,6 +19,7 @@ from typing import Any
 from cut.train import multitask_delta
 from server.ledger import OK, DeviceRecord, Ledger
 from server.planning import BaseModel, PlanBook
+from server.privacy import local_epsilon, privacy_summary
 from server.settings import Settings
 
 
@@ -61,6 +62,7 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "eval_samples": int(sizes.get("eval_samples", 0)),
         "bytes_up": record.bytes_up,
         "bytes_up_scores": record.bytes_up_scores,
+        "report_source": record.report_source,
         "bytes_down": record.bytes_down,
         "bytes_dense_model": record.bytes_dense,
         "scores_to_dense_bytes": record.bytes_up_scores / record.bytes_dense if record.bytes_dense else None,
@@ -100,6 +102,7 @@ def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: Pl
         "delta_m": _stats([e["delta_m"] for e in ok]),
         "delta_m_oneshot": _stats([e["delta_m_oneshot"] for e in ok]),
         "bytes_up_scores": _stats([float(e["bytes_up_scores"]) for e in ok]),
+        "reports_resumed": sum(e["report_source"] == "resumed" for e in entries),
         "scores_to_dense_bytes": _stats([e["scores_to_dense_bytes"] for e in ok]),
         "bytes_up": _stats([float(e["bytes_up"]) for e in entries]),
         "bytes_down": _stats([float(e["bytes_down"]) for e in entries]),
@@ -108,9 +111,28 @@ def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: Pl
         "finetune_rounds": settings.finetune.rounds,
         "personalisation": settings.planning.personalisation,
         "aggregation": settings.scoring.aggregation,
+        "trim_fraction": settings.scoring.trim_fraction if settings.scoring.aggregation == "trimmed-mean" else None,
+        "server_clip": settings.scoring.server_clip,
+        "privacy": privacy_block(entries, settings),
         "seconds": seconds,
         "seconds_total": round(sum(seconds.values()), 3),
     }
+
+
+def device_epsilon(settings: Settings, num_tasks: int) -> float | None:
+    """epsilon at scoring.dp_delta spent by a device reporting `num_tasks` task vectors (None: no noise)."""
+    s = settings.scoring
+    if s.noise_multiplier <= 0 or s.clip_norm <= 0 or num_tasks < 1:
+        return None
+    return local_epsilon(s.noise_multiplier, num_tasks, s.dp_delta)
+
+
+def privacy_block(entries: list[dict], settings: Settings) -> dict[str, Any]:
+    """The privacy spent by the devices' score reports (server.privacy): epsilon per device, max over the
+    devices asked to score, at scoring.dp_delta; mode 'none' when devices add no noise."""
+    s = settings.scoring
+    return privacy_summary(s.clip_norm, s.noise_multiplier, s.dp_delta, [len(e["tasks"]) for e in entries],
+                           s.secure_aggregation)
 
 
 def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
@@ -119,6 +141,8 @@ def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: Plan
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = sorted((device_entry(r, base) for r in ledger), key=lambda e: e["device_id"])
+    for e in entries:
+        e["dp_epsilon"] = device_epsilon(settings, len(e["tasks"]))
     summary = summarise(entries, settings, base, book, seconds)
     report = {"summary": summary, "devices": entries}
     (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
@@ -162,6 +186,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"Scores uplink per device: mean {s['bytes_up_scores']['mean']:.0f} bytes = "
                      f"{100 * s['scores_to_dense_bytes']['mean']:.3f}% of the dense decomposed model "
                      f"(max {100 * s['scores_to_dense_bytes']['max']:.3f}%).")
+    privacy = s.get("privacy") or {}
+    if privacy.get("mode") == "local":
+        lines.append(f"Privacy: {privacy['statement']}: epsilon {privacy['epsilon']:.3g} (RDP accountant; exact "
+                     f"analytic Gaussian {privacy['epsilon_analytic']:.3g}) at delta {privacy['delta']:g}, clip norm "
+                     f"{privacy['clip_norm']:g}, noise multiplier {privacy['noise_multiplier']:g}. Mechanism: "
+                     f"{privacy['mechanism']}; sensitivity {privacy['sensitivity']}. Assumptions: "
+                     f"{'; '.join(privacy['assumptions'])}.")
+    elif privacy:
+        lines.append(f"Privacy: {privacy['statement']}.")
+    robust = s["aggregation"] + (f" (trim {s['trim_fraction']:g})" if s.get("trim_fraction") is not None else "")
+    if s.get("server_clip"):
+        robust += f", server clip {s['server_clip']:g} x the median norm"
+    lines.append(f"Aggregation: {robust}.")
     lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()), "",
               "| device | class | tasks | budget | status | params | MACs | delta_m | one-shot | up (scores) | down | reason |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

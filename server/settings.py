@@ -7,6 +7,7 @@ the name of a file in simulations/ (`default`, `fleet-1000`).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -94,6 +95,7 @@ class Settings:
     device: DeviceSettings = field(default_factory=DeviceSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_in_flight: int = 256  # messages pushed but not yet answered (bounds server memory)
+    resume: bool = False  # continue from out_dir/state (kept reports, aggregate, plans, weights)
 
     def validate(self) -> None:
         if self.devices < 1:
@@ -116,6 +118,15 @@ class Settings:
             raise ValueError(f"scenario {self.name!r}: scoring.dtype must be float16 or float32")
         if not 0.0 <= self.planning.personalisation <= 1.0:
             raise ValueError(f"scenario {self.name!r}: planning.personalisation must be in [0, 1]")
+        if self.scoring.secure_aggregation:  # the server holds only sums (server.secagg)
+            if self.scoring.aggregation != "weighted-mean" or self.scoring.server_clip > 0:
+                raise ValueError(f"scenario {self.name!r}: scoring.secure_aggregation gives the server only sums, so "
+                                 f"aggregation must be weighted-mean and server_clip 0 (a robust rule needs the "
+                                 f"individual reports), got {self.scoring.aggregation!r}, "
+                                 f"server_clip {self.scoring.server_clip:g}")
+            if self.planning.personalisation > 0:
+                raise ValueError(f"scenario {self.name!r}: scoring.secure_aggregation needs planning.personalisation "
+                                 f"0 (personalisation blends in a device's own scores, which the server never sees)")
         if self.finetune.rounds < 0 or self.finetune.steps < 0:
             raise ValueError(f"scenario {self.name!r}: finetune rounds and steps must be >= 0")
         if self.data.samples_per_device < 2 or not 0 < self.data.eval_fraction < 1:
@@ -182,8 +193,19 @@ def load_settings(
     devices: int | None = None,
     out_dir: str | Path | None = None,
     base_model_dir: str | Path | None = None,
+    clip_norm: float | None = None,
+    noise_multiplier: float | None = None,
+    epsilon: float | None = None,
+    aggregation: str | None = None,
+    trim_fraction: float | None = None,
+    server_clip: float | None = None,
 ) -> Settings:
-    """Read a scenario (path or shipped name) and apply command-line overrides."""
+    """Read a scenario (path or shipped name) and apply command-line overrides.
+
+    The [scoring] overrides replace the scenario's keys. `epsilon` (instead of `noise_multiplier`) picks
+    the smallest noise multiplier whose reports spend at most epsilon at scoring.dp_delta for a device
+    holding the most tasks the fleet allows (server.privacy), given the clip norm.
+    """
     path = scenario_path(scenario)
     try:
         raw = tomllib.loads(path.read_text())
@@ -203,6 +225,9 @@ def load_settings(
     data = _take(raw.get("data", {}), DataSpec, "data")
     fleet = _fleet(raw.get("fleet", {}), data, seed)
     name = str(head.get("name", path.stem))
+    scoring = _scoring(raw.get("scoring", {}), fleet, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                       epsilon=epsilon, aggregation=aggregation, trim_fraction=trim_fraction,
+                       server_clip=server_clip)
     settings = Settings(
         name=name,
         devices=int(devices if devices is not None else head.get("devices", 20)),
@@ -214,7 +239,7 @@ def load_settings(
         out_dir=Path(out_dir or Path("runs") / "simulate"),
         fleet=fleet,
         data=data,
-        scoring=_take(raw.get("scoring", {}), ScoringSettings, "scoring"),
+        scoring=scoring,
         planning=_take(raw.get("planning", {}), PlanningSettings, "planning"),
         finetune=_take(raw.get("finetune", {}), FinetuneSettings, "finetune"),
         evaluation=_take(raw.get("evaluation", {}), EvaluationSettings, "evaluation"),
@@ -223,6 +248,28 @@ def load_settings(
     )
     settings.validate()
     return settings
+
+
+def _scoring(section: dict[str, Any], fleet: FleetSpec, epsilon: float | None = None,
+             **overrides: Any) -> ScoringSettings:
+    """[scoring] with command-line overrides; a target epsilon becomes a noise multiplier."""
+    scoring = _take(section, ScoringSettings, "scoring")
+    changes = {k: (float(v) if k != "aggregation" else v) for k, v in overrides.items() if v is not None}
+    scoring = replace(scoring, **changes)
+    if epsilon is None:
+        return scoring
+    from server.privacy import fleet_max_tasks, noise_for_epsilon
+
+    if overrides.get("noise_multiplier") is not None:
+        raise ValueError("give a noise multiplier or a target epsilon, not both")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"target epsilon must be a finite number > 0, got {epsilon!r}")
+    if scoring.clip_norm <= 0:
+        raise ValueError("a target epsilon needs scoring.clip_norm > 0 (the sensitivity the noise is scaled to)")
+    if not 0.0 < scoring.dp_delta < 1.0:
+        raise ValueError("scoring.dp_delta must be in (0, 1)")
+    return replace(scoring, noise_multiplier=noise_for_epsilon(float(epsilon), fleet_max_tasks(fleet),
+                                                               scoring.dp_delta))
 
 
 def from_run_config(run_config: dict[str, Any]) -> Settings:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,16 @@ def run_scenario(
     out_dir: str | Path | None = None,
     base_model_dir: str | Path | None = None,
     num_cpus: int | None = None,
+    resume: bool = False,
+    scoring: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one scenario end to end; returns the report summary (also in OUT/report.json)."""
-    settings = load_settings(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir)
+    """Run one scenario end to end; returns the report summary (also in OUT/report.json).
+
+    `resume`: continue from the state a stopped run left in OUT/state (see server.rundir). `scoring`:
+    [scoring] overrides, keyword arguments of server.settings.load_settings (clip_norm, epsilon, ...)."""
+    settings = load_settings(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir,
+                             **(scoring or {}))
+    settings = replace(settings, resume=resume)
     ensure_base_model(settings, may_pretrain=base_model_dir is None)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def tiny_model_dir(root: Path) -> Path:
 
 
 def scenario_file(root: Path, base: Path, *, transport: str = "path", rounds: int = 1, alpha: float = 0.0,
-                  devices: dict[int, dict] | None = None) -> Path:
+                  devices: dict[int, dict] | None = None, timeouts: str = "") -> Path:
     lines = [
         f'[scenario]\nname = "test"\ndevices = {len(devices)}\n',
         f'[model]\nbase = "{base}"\ntransport = "{transport}"\n',
@@ -57,7 +57,7 @@ def scenario_file(root: Path, base: Path, *, transport: str = "path", rounds: in
         f"[planning]\nround_to = 4\nmin_channels = 4\npersonalisation = {alpha}\n",
         f"[finetune]\nrounds = {rounds}\nsteps = 2\nbatch_size = 8\n",
         "[evaluation]\nbatch_size = 8\n",
-        "[timeouts]\nnodes = 60\n",
+        f"[timeouts]\nnodes = 60\n{timeouts}",
         '[fleet]\ntasks = ["seg", "depth", "normals"]\n',
         '[[fleet.classes]]\nname = "small"\nbudget = 0.5\n',
         '[[fleet.classes]]\nname = "large"\nbudget = 0.7\n',

@@ -1,0 +1,164 @@
+"""What the server keeps in its run directory so that a restarted server resumes instead of starting over.
+
+    OUT/state/manifest.json           base model sha256, scenario, phases completed, last finetune round
+    OUT/state/reports/<device>.npz    each device's ImportanceReport as it arrived (wire header + arrays)
+    OUT/state/aggregated.npz          the per-task aggregated scores the plans were made from
+    OUT/state/plans/<plan hash>.json  each plan (PruningPlan JSON)
+    OUT/state/builds/<plan hash>.npz  each plan's current compact weights (after the last finetune round)
+
+Scoring is the expensive, privacy-relevant step of a device, so a resumed run asks only devices without a
+kept report to score. A kept report is decoded and validated exactly like a fresh one (same base model,
+same tasks, same group sizes), so nothing that would have been rejected slips in through the disk.
+Everything is written atomically (temporary file, then rename) and read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cut.checkpoint import atomic_write
+from cut.plan import PruningPlan
+
+_HEADER = "__header__"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _flat(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f"{task}|{group}": np.asarray(vec) for task, groups in scores.items() for group, vec in groups.items()}
+
+
+def _nested(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, vec in arrays.items():
+        task, _, group = key.partition("|")
+        out.setdefault(task, {})[group] = vec
+    return out
+
+
+class RunState:
+    """The server's persisted progress for one run directory and one base model."""
+
+    def __init__(self, out_dir: str | Path, base_sha256: str, scenario: str, resume: bool) -> None:
+        self.root = Path(out_dir) / "state"
+        self.base_sha256, self.scenario = base_sha256, scenario
+        manifest = self._manifest() if resume else None
+        if manifest is not None and manifest.get("base_model_sha256") != base_sha256:
+            raise ValueError(f"cannot resume from {self.root}: it was made with base model "
+                             f"{str(manifest.get('base_model_sha256'))[:12]}..., not {base_sha256[:12]}...")
+        if manifest is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            manifest = {"base_model_sha256": base_sha256, "scenario": scenario, "completed": [], "finetune_round": 0}
+        self.manifest: dict[str, Any] = manifest
+        self.resumed = resume and bool(manifest["completed"] or self.kept_devices())
+        for sub in ("reports", "plans", "builds"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_manifest()
+
+    # ------------------------------------------------------------------------------------- manifest
+
+    def _manifest(self) -> dict[str, Any] | None:
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cannot resume: {path} is damaged ({e.msg})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("completed"), list):
+            raise ValueError(f"cannot resume: {path} is not a cut-fl run manifest")
+        return manifest
+
+    def _write_manifest(self) -> None:
+        atomic_write(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
+
+    def complete(self, phase: str) -> None:
+        if phase not in self.manifest["completed"]:
+            self.manifest["completed"].append(phase)
+            self._write_manifest()
+
+    def done(self, phase: str) -> bool:
+        return phase in self.manifest["completed"]
+
+    @property
+    def finetune_round(self) -> int:
+        return int(self.manifest.get("finetune_round", 0))
+
+    # -------------------------------------------------------------------------------------- reports
+
+    def _report_path(self, device_id: str) -> Path:
+        return self.root / "reports" / f"{_SAFE.sub('_', device_id)}.npz"
+
+    def keep_report(self, device_id: str, header: bytes, arrays: dict[str, np.ndarray]) -> None:
+        """A device's report as it arrived (validated by the caller), for a resumed run."""
+        data = {_HEADER: np.frombuffer(header, dtype=np.uint8), **arrays}
+        atomic_write(self._report_path(device_id), _npz_bytes(data))
+
+    def kept_report(self, device_id: str) -> tuple[bytes, dict[str, np.ndarray]] | None:
+        """(header, arrays) of a kept report, or None (also when the file is unreadable: score again)."""
+        path = self._report_path(device_id)
+        if not path.is_file():
+            return None
+        try:
+            arrays = _read_npz(path)
+        except (OSError, ValueError):
+            return None
+        header = arrays.pop(_HEADER, None)
+        return None if header is None else (header.tobytes(), arrays)
+
+    def kept_devices(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "reports").glob("*.npz"))
+
+    # -------------------------------------------------------------------------- aggregate and plans
+
+    def keep_aggregated(self, scores: dict[str, dict[str, np.ndarray]], contributors: list[str]) -> None:
+        atomic_write(self.root / "aggregated.npz", _npz_bytes(_flat(scores)))
+        atomic_write(self.root / "aggregated.json", json.dumps({"contributors": sorted(contributors)}).encode())
+
+    def kept_aggregated(self, contributors: list[str]) -> dict[str, dict[str, np.ndarray]] | None:
+        """The kept aggregate if it was made from exactly these devices' reports."""
+        meta, data = self.root / "aggregated.json", self.root / "aggregated.npz"
+        if not meta.is_file() or not data.is_file():
+            return None
+        if json.loads(meta.read_text()).get("contributors") != sorted(contributors):
+            return None
+        return _nested(_read_npz(data))
+
+    def keep_plan(self, plan: PruningPlan) -> None:
+        path = self.root / "plans" / f"{plan.plan_hash}.json"
+        if not path.is_file():
+            atomic_write(path, json.dumps(plan.to_dict()).encode())
+
+    def kept_plans(self) -> dict[str, PruningPlan]:
+        return {p.stem: PruningPlan.from_dict(json.loads(p.read_text())) for p in (self.root / "plans").glob("*.json")}
+
+    def keep_weights(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> None:
+        atomic_write(self.root / "builds" / f"{plan_hash}.npz", _npz_bytes(arrays))
+
+    def kept_weights(self, plan_hash: str) -> dict[str, np.ndarray] | None:
+        path = self.root / "builds" / f"{plan_hash}.npz"
+        return _read_npz(path) if path.is_file() else None
+
+    def finished_round(self, round_: int) -> None:
+        self.manifest["finetune_round"] = round_
+        self._write_manifest()
+
+
+__all__ = ["RunState"]

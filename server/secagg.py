@@ -1,0 +1,244 @@
+"""Secure aggregation of importance scores (`[scoring] secure_aggregation = true`): Flower's SecAgg+.
+
+The score phase runs `flwr.server.workflow.SecAggPlusWorkflow` (four `train` rounds: setup, share keys,
+collect masked vectors, unmask) on exactly the ledger's active devices. Each device sends one flat vector
+laid out over all tasks of the base model (client.secure.Layout: per-task weighted scores, then per-task
+weights), masked by `secaggplus_mod`; the server unmasks only their sum. From the sum it takes, per task,
+weighted score sum / total weight: the weighted mean of the plain path (`server.aggregate.aggregate(...,
+"weighted-mean")` over per-task normalised reports), up to quantisation.
+
+What the server therefore never holds: any device's scores, its sample count, or whether its vector was
+valid. Consequences (docs/FEDERATION.md, "Secure aggregation"): only the weighted mean is possible (a
+median, trimmed mean or server clipping needs individual reports; `Settings.validate` refuses them, and
+personalisation, which needs the device's own scores); devices validate and cap their own vectors.
+
+Quantisation: SecAgg+ maps each value in [-c, c] to an integer in [0, Q] (stochastic rounding) and sums
+modulo M. c is the largest channel count of a task (a non-negative mean-1 vector cannot exceed it, so no
+value is ever clipped); M = 2**32 (Flower's default); Q is the largest power of two with n * Q < M for n
+devices (no overflow), at most 2**30. The error of a summed coordinate has std <= sqrt(n) * c / Q.
+
+Flower's workflow is driven directly, with a `LegacyContext` and a small legacy `Strategy` that selects
+the ledger's active devices and receives the unmasked aggregate; the grid it talks through counts payload
+bytes per device and records which device failed which stage, so the ledger gets reasons as in plain mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from client.records import REQUEST, content_nbytes
+from client.secure import LAYOUT_FIELD, Layout
+from server.aggregate import TaskScores
+from server.ledger import FAILED, Ledger
+from server.planning import BaseModel
+from server.settings import Settings
+
+MODULUS_RANGE = 2**32  # Flower's default mask modulus
+MAX_QUANTIZATION_RANGE = 2**30  # Flower's quantiser rounds into int32
+STAGES = ("setup", "share keys", "masked vectors", "unmask")
+
+_RESULTS: weakref.WeakKeyDictionary[Ledger, TaskScores] = weakref.WeakKeyDictionary()
+
+
+def layout_of(base: BaseModel, settings: Settings) -> Layout:
+    """The vector layout of this base model: its tasks in order, each task's groups and sizes."""
+    tasks = base.task_names
+    scale = float(settings.scoring.num_batches * settings.scoring.batch_size)  # the most samples a device uses
+    return Layout.of(base.task_groups(tasks), base.analysis(tasks).sizes, scale)
+
+
+def quantization_range(devices: int) -> int:
+    """The largest power of two Q with devices * Q < MODULUS_RANGE (the sum never wraps), capped."""
+    return min(MAX_QUANTIZATION_RANGE, 1 << int(math.floor(math.log2((MODULUS_RANGE - 1) / max(devices, 1)))))
+
+
+def shares(devices: int) -> tuple[int | float, int]:
+    """SecAgg+ (num_shares, reconstruction_threshold): every device shares with all others in a small
+    fleet, with an odd ring of about 2 log2(n) + 1 neighbours in a large one; a majority of a device's
+    shares rebuilds its masks (so the server cannot get both the secrets of one device)."""
+    if devices <= 9:
+        return 1.0, devices // 2 + 1  # 1.0: all devices (Flower's float form); the threshold is an int
+    k = min(devices if devices % 2 else devices - 1, 2 * math.ceil(math.log2(devices)) + 1)
+    return k, k // 2 + 1
+
+
+def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel,
+                     contents: Mapping[int, RecordDict]) -> TaskScores:
+    """Per-task weighted-mean scores of the ledger's active devices, from their SecAgg+ sum only.
+
+    `contents` are the devices' plain scoring messages (ScoringRequest and base model transport); the
+    vector layout is added to each. Devices that fail a stage are excluded with the reason; if the
+    protocol cannot complete, every participant is excluded and the result is empty.
+    """
+    layout = layout_of(base, settings)
+    active = [r.node_id for r in ledger.active()]
+    for node_id in active:
+        contents[node_id][REQUEST][LAYOUT_FIELD] = layout.to_json()
+    result: TaskScores = {}
+    _RESULTS[ledger] = result
+    if len(active) < 2:
+        for node_id in active:
+            ledger.exclude(node_id, FAILED, "score", "secure aggregation needs at least 2 devices")
+        return result
+    num_shares, threshold = shares(len(active))
+    metered = MeteredGrid(grid, ledger)
+    strategy = SumStrategy([GridClientProxy(nid, grid, 0) for nid in active])
+    workflow = ScoresWorkflow(contents, num_shares, threshold, max_weight=1.0,
+                              clipping_range=layout.clipping_range, quantization_range=quantization_range(len(active)),
+                              modulus_range=MODULUS_RANGE, timeout=settings.timeouts.score)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1,
+                                                                      WorkflowKey.START_TIME: time.time()})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    try:
+        workflow(metered, context)
+        failure = "" if strategy.mean is not None else (
+            f"{len(active) - len(metered.problems)} of {len(active)} devices answered every stage; SecAgg+ needs "
+            f"{threshold} of each device's neighbours")
+        mean = weighted_mean(layout, strategy.mean * strategy.contributors) if not failure else {}
+    except Exception as e:  # noqa: BLE001 - a malformed reply can break the protocol; no device gets a plan
+        failure = f"{type(e).__name__}: {str(e).strip()[:200]}"
+    for node_id, reason in metered.problems.items():
+        ledger.exclude(node_id, FAILED, "score", f"secure aggregation, {reason}")
+    if failure:
+        for record in ledger.active():
+            if record.node_id in active:
+                ledger.exclude(record.node_id, FAILED, "score", f"secure aggregation did not complete ({failure})")
+        return result
+    for node_id in active:
+        ledger.records[node_id].bytes_up_scores = metered.uploads.get(node_id, 0)
+    result.update(mean)
+    return result
+
+
+def secure_scores(ledger: Ledger) -> TaskScores:
+    """The aggregate `secure_aggregate` computed for this ledger (collect_scores -> plan_devices)."""
+    return _RESULTS.get(ledger, {})
+
+
+def weighted_mean(layout: Layout, total: np.ndarray) -> TaskScores:
+    """Summed vectors -> per task: weighted score sums / total weight, scaled like server.aggregate's
+    normalised reports (each device sent mean-1 scores; the plain path divides each report by its sum)."""
+    sums, weights = layout.unflatten(total)
+    out: TaskScores = {}
+    for task, groups in sums.items():
+        if weights[task] < 0.5 / layout.weight_scale:  # less than half a sample: no device holds the task
+            continue
+        n = layout.channels(task)
+        out[task] = {g: np.maximum(v / (weights[task] * n), 0.0).astype(np.float32) for g, v in groups.items()}
+    return out
+
+
+class ScoresWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ whose masked-vector round carries our scoring messages (ScoringRequest, base model) in
+    place of legacy FitIns; the device's handler reads them as in plain mode."""
+
+    def __init__(self, contents: Mapping[int, RecordDict], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.contents = contents
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+
+class SumStrategy(Strategy):
+    """The legacy strategy SecAgg+ calls: selects the given devices and keeps the unmasked aggregate.
+
+    SecAgg+ divides the sum by the devices' summed `num_examples`; every device reports 1, so the sum is
+    mean x contributors (its weights travel inside the vector)."""
+
+    def __init__(self, proxies: list[GridClientProxy]) -> None:
+        self.proxies = proxies
+        self.mean: np.ndarray | None = None
+        self.contributors = 0
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(proxy, FitIns(Parameters([], ""), {})) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)[0]
+            self.contributors = len(results)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class MeteredGrid:
+    """The grid as the workflow sees it: payload bytes per device, and each device's first problem."""
+
+    def __init__(self, grid: Grid, ledger: Ledger) -> None:
+        self.grid, self.ledger = grid, ledger
+        self.calls = 0
+        self.problems: dict[int, str] = {}
+        self.uploads: dict[int, int] = {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        stage = STAGES[min(self.calls, len(STAGES) - 1)]
+        self.calls += 1
+        messages = list(messages)
+        for msg in messages:
+            self.ledger.records[msg.metadata.dst_node_id].bytes_down += payload_bytes(msg.content)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            answered.add(node_id)
+            if reply.has_error():
+                lines = (reply.error.reason or f"error code {reply.error.code}").strip().splitlines()
+                self.problems.setdefault(node_id, f"{stage}: device error: {lines[-1] if lines else ''}"[:500])
+                continue
+            n = payload_bytes(reply.content)
+            self.ledger.records[node_id].bytes_up += n
+            self.uploads[node_id] = self.uploads.get(node_id, 0) + n
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                self.problems.setdefault(msg.metadata.dst_node_id, f"{stage}: no reply within {timeout or 0:g} s")
+        return replies
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """client.records.content_nbytes, also for the protocol's config records (Flower's count_bytes fails
+    on empty strings and empty lists, which SecAgg+ messages hold)."""
+    total = 0
+    for record in content.values():
+        if not isinstance(record, ConfigRecord):
+            total += content_nbytes(RecordDict({"r": record}))
+            continue
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            total += len(key) + sum(len(v) if isinstance(v, (str, bytes)) else 1 if isinstance(v, bool) else 8
+                                    for v in values)
+    return total
+
+
+__all__ = ["MeteredGrid", "ScoresWorkflow", "SumStrategy", "layout_of", "payload_bytes", "quantization_range", "secure_aggregate",
+           "secure_scores", "shares", "weighted_mean"]
