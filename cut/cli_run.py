@@ -51,6 +51,8 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path, help="pre-trained model directory (read by the ServerApp)")
     p.add_argument("--out", type=Path, help="report directory (written by the ServerApp)")
     p.add_argument("--devices", type=int_at_least(1), help="number of SuperNodes to wait for (default: scenario's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run directory's federation (devices that reported do not score again)")
     p.add_argument("--app", type=Path, help="the Flower app directory (default: this cut-fl checkout)")
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds to wait for the run (then stop it)")
     p.add_argument("--poll", type=positive_float, default=3.0, help="seconds between status checks")
@@ -108,6 +110,8 @@ def run_config(args: argparse.Namespace) -> dict:
         config["out-dir"] = str(args.out.resolve())
     if args.devices:
         config["devices"] = args.devices
+    if args.resume:
+        config["resume"] = True
     return config
 
 

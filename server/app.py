@@ -97,7 +97,7 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
         restore_reports(ledger, state, base)
         collect_scores(grid, ledger, settings, base, state)
     with clock("plan"):
-        book = plan_devices(ledger, settings, base)
+        book = plan_devices(ledger, settings, base, state)
         restore_weights(book, state)
     with clock("deliver"):
         deliver_models(grid, ledger, settings, book)
@@ -171,6 +171,10 @@ def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMod
     valid reports are kept there."""
     make = score_content_factory(settings, base)
     if settings.scoring.secure_aggregation:  # SecAgg+: the server learns per-task sums only (server.secagg)
+        if state is not None and state.resumed and state.kept_aggregated([r.device_id for r in ledger.active()]):
+            for record in ledger.active():  # the same devices' secure sum is kept: nobody scores again
+                record.report_source = "resumed"
+            return
         secure_aggregate(grid, ledger, settings, base, {r.node_id: make(r) for r in ledger.active()})
         return
     contents = {r.node_id: make(r) for r in ledger.active() if r.report is None}
@@ -261,16 +265,30 @@ def sample_weights(record: DeviceRecord) -> dict[str, float]:
     return {t: float(min(n, declared.get(t, n))) for t, n in record.report.samples_used.items()}
 
 
-def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel) -> PlanBook:
+def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None = None):
+    """Per task, across the active devices: the secure sum's mean, or the configured (robust) rule over the
+    individual reports. Kept in the run directory; a resumed run with the same devices reuses it."""
+    active = ledger.active()
+    contributors = [r.device_id for r in active]
+    kept = state.kept_aggregated(contributors) if state is not None and state.resumed else None
+    if kept is not None:
+        return kept
+    aggregated = secure_scores(ledger) if settings.scoring.secure_aggregation else aggregate(
+        [(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation,
+        trim_fraction=settings.scoring.trim_fraction, server_clip=settings.scoring.server_clip)
+    if state is not None:
+        state.keep_aggregated(aggregated, contributors)
+    return aggregated
+
+
+def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel, state: RunState | None = None) -> PlanBook:
     """Aggregate per task, then per device: personalise, fuse, cut to budget, build (once per plan)."""
     p = settings.planning
     book = PlanBook(base, BudgetOptions(p.min_channels, p.min_fraction, p.round_to), p.normalise)
     active = ledger.active()
     if not active:
         return book
-    aggregated = secure_scores(ledger) if settings.scoring.secure_aggregation else aggregate(
-        [(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation,
-        trim_fraction=settings.scoring.trim_fraction, server_clip=settings.scoring.server_clip)
+    aggregated = aggregate_scores(ledger, settings, state)
     for record in active:
         prof = record.profile
         key = None if p.personalisation > 0 else (

@@ -273,14 +273,18 @@ def _scoring(section: dict[str, Any], fleet: FleetSpec, epsilon: float | None = 
 
 
 def from_run_config(run_config: dict[str, Any]) -> Settings:
-    """Settings for `flwr run`: `scenario`, and optionally `devices`, `out-dir`, `base-model`."""
+    """Settings for `flwr run`: `scenario`, and optionally `devices`, `out-dir`, `base-model`, `resume`."""
     devices = int(run_config.get("devices", 0) or 0) or None
-    return load_settings(
+    settings = load_settings(
         str(run_config.get("scenario", "") or "default"),
         devices=devices,
         out_dir=str(run_config.get("out-dir", "") or "") or None,
         base_model_dir=str(run_config.get("base-model", "") or "") or None,
     )
+    resume = run_config.get("resume", False)
+    if not isinstance(resume, bool):
+        raise ValueError(f"run config resume: expected true or false, got {resume!r}")
+    return replace(settings, resume=resume)
 
 
 def resolve(settings: Settings, card: dict[str, Any]) -> Settings:

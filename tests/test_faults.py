@@ -77,6 +77,7 @@ def test_a_restarted_server_resumes_without_asking_devices_to_score_again(base_d
     monkeypatch.undo()
     state = json.loads((out / "state" / "manifest.json").read_text())
     assert state["finetune_round"] == 1
+    assert (out / "state" / "aggregated.npz").is_file()
     assert len(list((out / "state" / "builds").glob("*.npz"))) == len(list((out / "state" / "plans").glob("*.json")))
 
     # 3. The restarted server completes: no device scored again, and fine-tuning went on at round 2.
