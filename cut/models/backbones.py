@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 
 def _round_width(channels: int, mult: float, divisor: int = 8) -> int:
@@ -101,6 +99,11 @@ class DilatedMobileNetV2(nn.Module):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        # Imported here: torchvision costs ~1.4 s of import time (torch._dynamo), which every ResNet user
+        # (each deployed ClientApp process) would otherwise pay.
+        from torchvision.models import mobilenet_v2
+        from torchvision.models.mobilenetv2 import InvertedResidual
+
         self.features = mobilenet_v2(weights=None, width_mult=width).features
         if in_channels != 3:
             first = self.features[0][0]
