@@ -66,6 +66,18 @@ def build_models(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def resize(rows: list[dict], size: tuple[int, int]) -> None:
+    """Export and time at another input size: the config's input size is what the export traces, and MACs
+    are recounted at that size (pruning and scoring happened at the training size)."""
+    from dataclasses import replace
+
+    from cut.models import count_macs
+
+    for row in rows:
+        row["model"].config = replace(row["model"].config, input_size=tuple(size))
+        row["macs"] = count_macs(row["model"], tuple(size))
+
+
 def export_all(rows: list[dict], out_dir: Path) -> None:
     from cut.export import PARITY_TOLERANCE, check_parity, export_onnx
 
@@ -118,7 +130,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--out-dir", type=Path, help="where the ONNX files go (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the rows (without models) as JSON here")
+    parser.add_argument("--input-size", help="H,W to export and time at (default: the model's training size); "
+                        "the models are fully convolutional, so a camera-sized frame is a valid input")
     args = parser.parse_args(argv)
+    if args.input_size:
+        try:
+            h, w = (int(v) for v in args.input_size.split(","))
+            assert h >= 8 and w >= 8
+        except (ValueError, AssertionError):
+            parser.error(f"--input-size must be H,W (each >= 8), got {args.input_size!r}")
+        args.input_size = (h, w)
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     if args.runs < 20:
         parser.error("--runs must be >= 20 (EVALUATION.md)")
@@ -131,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     rows = build_models(args)
+    if args.input_size:
+        resize(rows, args.input_size)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out_dir or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- date: {date.today().isoformat()}; machine: {os.cpu_count()} cores, {cpu_model()}")
     print(f"- onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, batch 1, {args.threads} intra-op thread(s), "
           f"{args.rounds} interleaved rounds x {args.runs} runs after {args.warmup} warm-up runs each")
-    print(f"- model: {args.model} (tasks {','.join(rows[0]['model'].task_names)}), no fine-tune; ratios are to the "
-          "dense decomposed model (first row)\n")
+    size = "x".join(str(v) for v in rows[0]["model"].config.input_size)
+    print(f"- model: {args.model} (tasks {','.join(rows[0]['model'].task_names)}), input {size}, no fine-tune; ratios "
+          "are to the dense decomposed model (first row)\n")
     print(table(rows))
     if args.json:
         keep = ("budget", "params", "macs", "bytes", "parity", "median_ms", "iqr_ms")
