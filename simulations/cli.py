@@ -1,4 +1,8 @@
-"""`cutfl simulate [SCENARIO] [--devices N] [--out DIR] [--base-model DIR]`.
+"""`cutfl simulate [SCENARIO] [--devices N] [--out DIR] [--base-model DIR] [privacy and robustness flags]`.
+
+Privacy and robustness flags override the scenario's [scoring] keys: `--clip-norm`, `--noise-multiplier`
+or `--epsilon` (a target epsilon at scoring.dp_delta; the noise multiplier is derived by server.privacy for
+the device holding the most tasks), `--aggregation`, `--trim-fraction`, `--server-clip`.
 
 Registration only imports argparse; the runner (and with it Flower and Ray) is imported when the command
 runs, so `import cut` and `cutfl --help` stay fast and Flower-free.
@@ -8,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")  # server.settings.AGGREGATIONS (not imported: fast)
+SCORING_FLAGS = ("clip_norm", "noise_multiplier", "epsilon", "aggregation", "trim_fraction", "server_clip")
 
 
 def _at_least_one(text: str) -> int:
@@ -19,6 +27,37 @@ def _at_least_one(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _trim(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 0.5)")
     return value
 
 
@@ -33,6 +72,24 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path,
                    help="pre-trained model directory (default: the scenario's; pre-trained when missing)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the federation kept in OUT/state (devices that reported do not score again)")
+    dp = p.add_argument_group("privacy of the scores (device side; see docs/FEDERATION.md)")
+    dp.add_argument("--clip-norm", type=_non_negative, metavar="C",
+                    help="clip each task's score vector to this L2 norm on the device (0 = off)")
+    noise = dp.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=_non_negative, metavar="Z",
+                       help="Gaussian noise std = Z x clip norm on every score (needs --clip-norm or the "
+                            "scenario's clip_norm)")
+    noise.add_argument("--epsilon", type=_positive, metavar="EPS",
+                       help="target epsilon per device at scoring.dp_delta: picks the noise multiplier (needs a "
+                            "clip norm)")
+    robust = p.add_argument_group("aggregation on the server")
+    robust.add_argument("--aggregation", choices=AGGREGATIONS, help="per-task rule across devices")
+    robust.add_argument("--trim-fraction", type=_trim, metavar="F",
+                        help="trimmed-mean: share of devices dropped at each end, per channel, in [0, 0.5)")
+    robust.add_argument("--server-clip", type=_non_negative, metavar="K",
+                        help="clip each device's vector to K x the median norm (per task and group; 0 = off)")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -43,12 +100,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         os.environ["CUTFL_NO_PROGRESS"] = "1"
     from simulations.runner import run_scenario
 
-    summary = run_scenario(args.scenario, devices=args.devices, out_dir=args.out, base_model_dir=args.base_model)
+    scoring = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
+    summary = run_scenario(args.scenario, devices=args.devices, out_dir=args.out, base_model_dir=args.base_model,
+                           scoring=scoring, resume=args.resume)
     keys = ("scenario", "status", "devices_ok", "devices_rejected", "devices_failed", "distinct_plans",
             "all_within_budget", "seconds_total")
     short = {k: summary[k] for k in keys}
     for k in ("delta_m", "scores_to_dense_bytes"):
         short[f"{k}_mean"] = summary[k]["mean"] if summary.get(k) else None
+    privacy = summary.get("privacy") or {}
+    short["dp_epsilon"] = privacy.get("epsilon")
     short["report"] = str(summary.get("report_dir", ""))
     print(json.dumps(short, indent=2))
     if summary["status"] != "ok":

@@ -1,0 +1,381 @@
+"""Differential privacy of the scores: fleet mean delta_m against the epsilon each device spends.
+
+    .venv/bin/python benchmarks/bench_privacy.py [--devices 100] [--epsilons 1,2,4,8] [--seeds 0,1,2]
+        [--test-samples 200] [--out runs/bench-privacy] [--plot benchmarks/results/privacy_delta_m_vs_epsilon.png]
+
+The fleet is the default scenario's with 100 devices (scenes; random task subsets of seg/depth/normals;
+params budgets 0.3/0.5/0.7). Each device's honest normalised scores come from the real device code and
+are cached (benchmarks/fleet_scores.py). Per configuration, every device's report goes through the real
+`client.scoring.privatise` (clip to C, Gaussian noise of std z C, clamp at 0) and the float16 wire; the
+server aggregates (weighted mean) and plans exactly as `server.app.plan_devices`; every distinct plan is
+evaluated one-shot, with BatchNorm re-estimation, on a shared test set; a device's delta_m is its plan's.
+
+epsilon is per device at delta 1e-5 for a device holding all 3 tasks (the worst device: what the report
+states), from server.privacy's RDP accountant; z is the smallest noise multiplier reaching it.
+
+Rows (modes):
+- `local`: the device code as it is (user-level local DP), clip C = the fleet's median per-task norm, and
+  C / 4 and 4 C at epsilon 2 (does the clip norm matter?); several noise seeds;
+- `local, scores^0.25` (benchmark-only variant, not in the device code): each score raised to the power
+  0.25 before privatise, the aggregate raised to 4 after (a variance-stabilising transform for fisher
+  scores, whose mass sits in a few channels);
+- `distributed` (benchmark-only, emulating secure aggregation with scaled shares): each of the n devices
+  of a task adds noise z C / sqrt(n) to an unclamped share, the server sees only the sum (noise z C);
+  epsilon is then the *central* epsilon of the sums, not a local guarantee;
+- references: no noise; a plan from no information (every channel scored equal, so only costs decide);
+  the server's own fisher scores on 4 batches of 32 of its pre-training data (no device data at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fleet_scores import (  # noqa: E402  (benchmarks/ on sys.path)
+    ROOT,
+    Evaluator,
+    Fleet,
+    flat,
+    kept_change,
+    load_fleet,
+    plan_fleet,
+    private_reports,
+    unflat,
+    wire,
+)
+from machine import cpu_model  # noqa: E402
+
+from client.scoring import normalised, privatise  # noqa: E402
+from cut.data import get_dataset  # noqa: E402
+from cut.importance import score_tasks  # noqa: E402
+from cut.messages import PrivacySettings  # noqa: E402
+from cut.train import make_loader  # noqa: E402
+from server.aggregate import TaskScores, aggregate  # noqa: E402
+from server.privacy import local_epsilon, noise_for_epsilon  # noqa: E402
+
+DELTA = 1e-5
+TASKS = 3  # the worst device holds all three tasks
+
+
+def power(scores: TaskScores, p: float) -> TaskScores:
+    return {t: {g: (np.asarray(v, dtype=np.float64) ** p).astype(np.float32) for g, v in groups.items()}
+            for t, groups in scores.items()}
+
+
+def median_norm(fleet: Fleet, p: float = 1.0) -> float:
+    return float(np.median([np.linalg.norm(flat(power(d.scores, p)[t])) for d in fleet.devices for t in d.tasks]))
+
+
+def local_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1.0) -> TaskScores:
+    """Weighted mean of privatised reports; with p != 1 the devices privatise scores^p and the server
+    takes the aggregate to the power 1/p (post-processing)."""
+    if p == 1.0:
+        reports = private_reports(fleet, clip, z, seed)
+    else:
+        privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z, seed=seed)
+        reports = [wire(privatise(power(d.scores, p), privacy, d.pid)) for d in fleet.devices]
+    agg = aggregate([(r, d.weights) for r, d in zip(reports, fleet.devices, strict=True)], "weighted-mean")
+    return agg if p == 1.0 else power(agg, 1.0 / p)
+
+
+def distributed_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1.0) -> TaskScores:
+    """Secure-aggregation sums with noise z C in total: shares of std z C / sqrt(n_t), not clamped; the
+    server clamps the sum at 0 (and undoes the power p)."""
+    rng = np.random.default_rng([seed, 7])
+    clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip), d.pid) for d in fleet.devices]
+    sums: TaskScores = {}
+    for task in fleet.base.task_names:
+        holders = [i for i, d in enumerate(fleet.devices) if task in d.tasks]
+        like = clipped[holders[0]][task]
+        share = z * clip / math.sqrt(len(holders))
+        total = sum(flat(clipped[i][task]) + rng.normal(0.0, share, size=len(flat(like))) for i in holders)
+        sums[task] = unflat(np.maximum(total, 0.0) ** (1.0 / p), like)
+    return sums
+
+
+def shrink(values: np.ndarray, like: dict, noise_var: dict[str, float] | float) -> dict[str, np.ndarray]:
+    """Empirical-Bayes shrinkage of a noisy score vector towards each group's mean (post-processing: it
+    uses only the released values and the noise variance). Per group g: lambda = max(0, var_g - s2) /
+    var_g, estimate = mean_g + lambda (value - mean_g), so a group whose channel differences are
+    indistinguishable from the noise keeps only its mean, which averages the noise over its channels."""
+    out = {}
+    for g, v in unflat(values, like).items():
+        v = v.astype(np.float64)
+        s2 = noise_var[g] if isinstance(noise_var, dict) else noise_var
+        var = float(v.var())
+        lam = max(0.0, var - s2) / var if var > 0 else 0.0
+        out[g] = v.mean() + lam * (v - v.mean())
+    return out
+
+
+def denoised_distributed(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> TaskScores:
+    """distributed_aggregate, but the server shrinks the (unclamped) noisy sums with the known noise
+    variance (z C)^2 per coordinate before clamping and undoing the power."""
+    rng = np.random.default_rng([seed, 7])
+    clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip), d.pid) for d in fleet.devices]
+    out: TaskScores = {}
+    for task in fleet.base.task_names:
+        holders = [i for i, d in enumerate(fleet.devices) if task in d.tasks]
+        like = clipped[holders[0]][task]
+        share = z * clip / math.sqrt(len(holders))
+        total = sum(flat(clipped[i][task]) + rng.normal(0.0, share, size=len(flat(like))) for i in holders)
+        est = shrink(total, like, (z * clip) ** 2)
+        out[task] = {g: (np.maximum(v, 0.0) ** (1.0 / p)).astype(np.float32) for g, v in est.items()}
+    return out
+
+
+def denoised_local(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> TaskScores:
+    """local_aggregate, but the server shrinks the weighted mean; the noise variance of the mean is
+    estimated per group from the spread of the individual reports (which plain mode sees)."""
+    privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z, seed=seed)
+    reports = [normalised_reports(wire(privatise(power(d.scores, p), privacy, d.pid))) for d in fleet.devices]
+    out: TaskScores = {}
+    for task in fleet.base.task_names:
+        rows = [(flat(r[task]), d.weights[task]) for r, d in zip(reports, fleet.devices, strict=True) if task in r]
+        like = next(r[task] for r in reports if task in r)
+        x = np.stack([v for v, _ in rows])
+        w = np.array([w for _, w in rows]) / sum(w for _, w in rows)
+        mean = (w[:, None] * x).sum(0)
+        var_of_mean = ((w[:, None] ** 2) * (x - mean) ** 2).sum(0)
+        noise = {g: float(v.mean()) for g, v in unflat(var_of_mean, like).items()}
+        est = shrink(mean, like, noise)
+        out[task] = {g: (np.maximum(v, 0.0) ** (1.0 / p)).astype(np.float32) for g, v in est.items()}
+    return out
+
+
+def normalised_reports(report: TaskScores) -> TaskScores:
+    """What server.aggregate does to each report first: per-task normalisation."""
+    from server.aggregate import normalised as server_normalised
+
+    return server_normalised(report)
+
+
+def server_scores(fleet: Fleet) -> TaskScores:
+    """The server's own per-task fisher scores on its pre-training data (no device data)."""
+    card = fleet.base.card
+    kwargs = card.get("dataset_kwargs", {})
+    train = get_dataset(card["dataset"], "train", num_samples=128, size=kwargs.get("size", 64),
+                        seed=kwargs.get("seed", 0))
+    model = fleet.base.model.eval()
+    tasks = list(fleet.base.task_names)
+    return normalised(score_tasks(model, make_loader(train, 32, shuffle=True, seed=0), tasks, "fisher", 4, 0))
+
+
+def group_means(fleet: Fleet, p: float) -> TaskScores:
+    """No noise, but every channel gets its group's mean (scores^p summed over devices): what shrinkage
+    converges to when the noise hides every difference between the channels of a group."""
+    out: TaskScores = {}
+    for task in fleet.base.task_names:
+        vectors = [power(d.scores, p)[task] for d in fleet.devices if task in d.tasks]
+        total = {g: sum(v[g].astype(np.float64) for v in vectors) for g in vectors[0]}
+        out[task] = {g: (np.full_like(v, v.mean()) ** (1.0 / p)).astype(np.float32) for g, v in total.items()}
+    return out
+
+
+def uniform_scores(fleet: Fleet) -> TaskScores:
+    like = next(d for d in fleet.devices if len(d.tasks) == 3).scores
+    return {t: {g: np.ones_like(v) for g, v in groups.items()} for t, groups in like.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    fleet = load_fleet(devices=args.devices, threads=args.threads)
+    evaluator = Evaluator(fleet, test_samples=args.test_samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    honest = [wire(d.scores) for d in fleet.devices]
+    reference = plan_fleet(fleet, honest)
+    clip = median_norm(fleet)
+    clip_p = median_norm(fleet, 0.25)
+    started = time.perf_counter()
+
+    def record(label: str, mode: str, eps: float | None, z: float, seed: int | None, make) -> None:
+        key = f"{label}|{eps}|{seed}"
+        if key not in results:
+            t0 = time.perf_counter()
+            plans = plan_fleet(fleet, aggregated=make())
+            row = {"label": label, "mode": mode, "epsilon": eps, "z": z, "seed": seed,
+                   "delta_m": evaluator.fleet_delta(plans),
+                   "kept_change": {f"{b:g}": v for b, v in kept_change(plans, reference, fleet).items()},
+                   "plans": len({p.plan_hash for p in plans.values()}), "seconds": time.perf_counter() - t0}
+            results[key] = row
+            evaluator.save()
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{label} eps={eps} seed={seed}: delta_m {row['delta_m']['mean']:+.2f} "
+                  f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+    agg_honest = aggregate([(r, d.weights) for r, d in zip(honest, fleet.devices, strict=True)], "weighted-mean")
+    families = set(args.rows)
+    if "reference" in families:
+        record("no noise", "reference", None, 0.0, None, lambda: agg_honest)
+        record("no information (equal scores: costs decide)", "reference", None, 0.0, None,
+               lambda: uniform_scores(fleet))
+        record("server's own scores, no device data", "reference", None, 0.0, None, lambda: server_scores(fleet))
+        record("no noise, scores^0.25 (the distributed pipeline without noise)", "reference", None, 0.0, None,
+               lambda: distributed_aggregate(fleet, clip_p, 0.0, 0, 0.25))
+        record("no noise, scores^0.25, each group's mean only", "reference", None, 0.0, None,
+               lambda: group_means(fleet, 0.25))
+    s0 = args.seeds[0]
+    for eps in args.epsilons:
+        z = noise_for_epsilon(eps, TASKS, DELTA)
+        for seed in args.seeds:
+            if "local" in families:
+                record("local DP, clip C = median norm", "local", eps, z, seed,
+                       lambda z=z, seed=seed: local_aggregate(fleet, clip, z, seed))
+            if "distributed" in families:
+                record("distributed DP (central epsilon), clip C", "distributed", eps, z, seed,
+                       lambda z=z, seed=seed: distributed_aggregate(fleet, clip, z, seed))
+            if "transform" in families:
+                record("distributed DP (central epsilon), scores^0.25", "distributed", eps, z, seed,
+                       lambda z=z, seed=seed: distributed_aggregate(fleet, clip_p, z, seed, 0.25))
+            if "shrink" in families:
+                record("distributed DP (central epsilon), scores^0.25, shrinkage", "distributed", eps, z, seed,
+                       lambda z=z, seed=seed: denoised_distributed(fleet, clip_p, z, seed, 0.25))
+            if "shrink-local" in families:
+                record("local DP, scores^0.25, shrinkage", "local", eps, z, seed,
+                       lambda z=z, seed=seed: denoised_local(fleet, clip_p, z, seed, 0.25))
+    for eps in args.variant_epsilons:
+        z = noise_for_epsilon(eps, TASKS, DELTA)
+        if "clip" in families:
+            for factor in (0.25, 4.0):
+                record(f"local DP, clip {factor:g} C", "local", eps, z, s0,
+                       lambda z=z, factor=factor: local_aggregate(fleet, factor * clip, z, s0))
+        if "transform" in families:
+            record("local DP, scores^0.25", "local", eps, z, s0,
+                   lambda z=z: local_aggregate(fleet, clip_p, z, s0, 0.25))
+    if "large" in families:
+        for eps in args.large_epsilons:
+            z = noise_for_epsilon(eps, TASKS, DELTA)
+            record("local DP, clip C = median norm", "local", eps, z, s0,
+                   lambda z=z: local_aggregate(fleet, clip, z, s0))
+    evaluator.save()
+    meta = {"devices": args.devices, "clip_norm": clip, "clip_norm_power_0.25": clip_p, "delta": DELTA,
+            "tasks_worst_device": TASKS, "test_samples": args.test_samples, "cpu": cpu_model(),
+            "cores": os.cpu_count(), "seconds_this_run": time.perf_counter() - started,
+            "seconds_scoring_cached": fleet.seconds_scoring, "evaluated_this_run": evaluator.evaluated,
+            "budgets": fleet.budgets, "check_epsilon": {f"{e:g}": local_epsilon(noise_for_epsilon(e, TASKS, DELTA),
+                                                                             TASKS, DELTA) for e in args.epsilons}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return {"results": results, "meta": meta}
+
+
+def table(results: dict, meta: dict) -> str:
+    base = next(r for r in results.values() if r["label"] == "no noise")["delta_m"]["mean"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results.values():
+        groups.setdefault((r["label"], r["epsilon"]), []).append(r)
+    budgets = [k for k in base_keys(results) if k != "mean"]
+    lines = [f"clip norm C = {meta['clip_norm']:.1f} (median per-task L2 norm of the honest normalised reports), "
+             f"delta {meta['delta']:g}, epsilon of a device with {meta['tasks_worst_device']} tasks; "
+             f"{meta['devices']} devices, {meta['test_samples']} test scenes.", "",
+             "| mode | epsilon | z | seeds | mean delta_m | vs no noise | " + " | ".join(f"{b}" for b in budgets)
+             + " | kept channels changed |",
+             "|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|"]
+    order = sorted(groups, key=lambda k: (_rank(k[0]), k[0], -(k[1] or 1e9)))
+    for label, eps in order:
+        rows = groups[(label, eps)]
+        means = [r["delta_m"]["mean"] for r in rows]
+        m = float(np.mean(means))
+        sd = f" ± {np.std(means, ddof=1):.2f}" if len(means) > 1 else ""
+        cells = [f"{np.mean([r['delta_m'][b] for r in rows]):+.2f}" for b in budgets]
+        change = np.mean([np.mean(list(r["kept_change"].values())) for r in rows])
+        lines.append(f"| {label} | {'-' if eps is None else f'{eps:g}'} | {rows[0]['z']:.3g} | {len(rows)} | "
+                     f"{m:+.2f}{sd} | {m - base:+.2f} | " + " | ".join(cells) + f" | {100 * change:.1f}% |")
+    return "\n".join(lines)
+
+
+def base_keys(results: dict) -> list[str]:
+    return list(next(iter(results.values()))["delta_m"])
+
+
+def _rank(label: str) -> int:
+    for i, prefix in enumerate(("no noise", "local DP, clip C", "local DP, clip", "local DP, scores",
+                                "distributed DP (central epsilon), clip", "distributed", "server", "no info")):
+        if label.startswith(prefix):
+            return i
+    return 99
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    series = {}
+    for r in results.values():
+        if r["epsilon"] is not None:
+            series.setdefault(r["label"], {}).setdefault(r["epsilon"], []).append(r["delta_m"]["mean"])
+    styles = {"local DP, clip C = median norm": ("tab:red", "o-"),
+              "local DP, scores^0.25": ("tab:orange", "s--"),
+              "distributed DP (central epsilon), clip C": ("tab:blue", "^-"),
+              "distributed DP (central epsilon), scores^0.25": ("tab:cyan", "v--"),
+              "distributed DP (central epsilon), scores^0.25, shrinkage": ("tab:purple", "D-"),
+              "local DP, scores^0.25, shrinkage": ("tab:brown", "P-")}
+    for label, (colour, style) in styles.items():
+        if label not in series:
+            continue
+        eps = sorted(series[label])
+        mean = [float(np.mean(series[label][e])) for e in eps]
+        err = [float(np.std(series[label][e], ddof=1)) if len(series[label][e]) > 1 else 0.0 for e in eps]
+        ax.errorbar(eps, mean, yerr=err, fmt=style, color=colour, label=label, capsize=3, ms=5)
+    refs = {r["label"]: r["delta_m"]["mean"] for r in results.values() if r["mode"] == "reference"}
+    shown = {"no noise": "black", "server's own scores, no device data": "tab:green",
+             "no information (equal scores: costs decide)": "grey"}
+    for label, colour in shown.items():
+        if label in refs:
+            ax.axhline(refs[label], color=colour, ls=":", lw=1.2, label=f"{label} ({refs[label]:+.1f})")
+    if "no noise" in refs:
+        ax.axhspan(refs["no noise"] - 1.0, refs["no noise"], color="black", alpha=0.08,
+                   label="target: within 1 point of no noise")
+    ax.axvline(2.0, color="black", lw=0.6, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon per device at delta 1e-5 (distributed rows: central epsilon)")
+    ax.set_ylabel("fleet mean delta_m (%), one-shot")
+    ax.set_title("Scores under differential privacy: 100 devices, scenes")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--epsilons", type=floats, default=[1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--variant-epsilons", type=floats, default=[2.0, 8.0],
+                    help="epsilons of the clip-norm and transform variants (one seed)")
+    ap.add_argument("--rows", type=lambda t: t.split(","),
+                    default=["reference", "local", "distributed", "transform", "shrink", "shrink-local", "clip",
+                             "large"],
+                    help="row families to run (results accumulate in OUT/results.json)")
+    ap.add_argument("--large-epsilons", type=floats, default=[64.0, 1024.0, 1e5],
+                    help="local DP at large epsilons (one seed): where does it recover?")
+    ap.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x], default=[0, 1, 2])
+    ap.add_argument("--test-samples", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-privacy"))
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "privacy_delta_m_vs_epsilon.png"))
+    args = ap.parse_args(argv)
+    done = run(args)
+    print(table(done["results"], done["meta"]))
+    plot(done["results"], Path(args.plot))
+    print(f"\nplot: {args.plot}; {done['meta']['cpu']}, {done['meta']['cores']} cores; "
+          f"{done['meta']['seconds_this_run']:.0f} s this run", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
