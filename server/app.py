@@ -176,6 +176,8 @@ def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMod
                 record.report_source = "resumed"
             return
         secure_aggregate(grid, ledger, settings, base, {r.node_id: make(r) for r in ledger.active()})
+        for record in ledger.active():
+            record.report_source = "secure-sum"  # in the sum; the server never held this device's report
         return
     contents = {r.node_id: make(r) for r in ledger.active() if r.report is None}
     replies = exchange(grid, ledger, "score", SCORE, contents, settings.timeouts.score, settings.max_in_flight)

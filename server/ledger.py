@@ -29,7 +29,7 @@ class DeviceRecord:
     reason: str = ""
     phase: str = ""  # the phase that excluded it
     report: ImportanceReport | None = None
-    report_source: str = ""  # "scored" in this run, or "resumed" from the run directory
+    report_source: str = ""  # "scored" in this run, "resumed" from the run directory, or "secure-sum"
     plan_hash: str = ""
     weights_sha256: str = ""  # the server weights (build version) it adopted last
     held_sha256: str = ""  # the weights it holds (after its local BatchNorm re-estimation)

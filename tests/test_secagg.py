@@ -189,6 +189,7 @@ def test_secure_uplink_is_counted(secure_run):
     for device_id in GOOD:
         entry = secure_run["devices"][device_id]
         assert 8 * layout.size < entry["bytes_up_scores"] <= entry["bytes_up"]  # at least the int64 masked vector
+        assert entry["report_source"] == "secure-sum"
 
 
 # ------------------------------------------------------------------------------ pieces, no Flower
