@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -27,3 +28,25 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = True
+             ) -> Callable[[str], float]:
+    """A finite number in [low, high) (open or closed at either end, as asked)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    interval = f"{lo}{low:g}, {high:g}{hi}" if math.isfinite(high) else (f"> {low:g}" if low_open else f">= {low:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if below or above:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'in ' if math.isfinite(high) else ''}{interval}")
+        return value
+
+    return parse

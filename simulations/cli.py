@@ -12,53 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from cut.cli_args import float_in, int_at_least
 
 AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")  # server.settings.AGGREGATIONS (not imported: fast)
 SCORING_FLAGS = ("clip_norm", "noise_multiplier", "epsilon", "aggregation", "trim_fraction", "server_clip")
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
-def _trim(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 0.5)")
-    return value
+_non_negative = float_in(0.0)
+_positive = float_in(0.0, low_open=True)
+_trim = float_in(0.0, 0.5)
 
 
 def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
@@ -67,7 +32,7 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
                                    "data, the server builds a compact model per device, devices evaluate it.")
     p.add_argument("scenario", nargs="?", default="default",
                    help="scenario name (default, fleet-1000) or path of a scenario TOML file")
-    p.add_argument("--devices", type=_at_least_one, help="number of devices (default: the scenario's)")
+    p.add_argument("--devices", type=int_at_least(1), help="number of devices (default: the scenario's)")
     p.add_argument("--out", type=Path, help="report directory (default runs/simulate)")
     p.add_argument("--base-model", type=Path,
                    help="pre-trained model directory (default: the scenario's; pre-trained when missing)")

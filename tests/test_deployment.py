@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from cut.checkpoint import save_model
-from cut.data.scenes import scene_tasks
-from cut.models import ModelConfig, build_model
+from tests.test_federation import tiny_model_dir as federation_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,16 +33,8 @@ NODES = {
 
 
 def tiny_model_dir(root: Path) -> Path:
-    """A tiny model trained for a few steps (as tests/test_federation.py), so metrics are not degenerate."""
-    from cut.data import get_dataset
-    from cut.train import make_loader, pretrain
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16))
-    data = get_dataset("scenes", "train", num_samples=64, size=32, seed=0)
-    pretrain(model, make_loader(data, 16, shuffle=True), None, epochs=1, lr=3e-3, progress=False)
-    save_model(root / "base", model, {"dataset": "scenes", "dataset_kwargs": {"size": 32, "seed": 0}})
-    return root / "base"
+    """The federation tests' tiny model, trained a little less (this test is about the transport)."""
+    return federation_tiny_model_dir(root, samples=64, epochs=1)
 
 
 def scenario_file(root: Path, base: Path, devices: int) -> Path:

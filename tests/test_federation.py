@@ -34,15 +34,15 @@ BAD = {4: ("nan", "NaN"), 5: ("wrong-length", "expected"), 6: ("unknown-task", "
        7: ("crash", "crashed"), 8: ("bad-profile", "unknown task")}
 
 
-def tiny_model_dir(root: Path) -> Path:
+def tiny_model_dir(root: Path, samples: int = 96, epochs: int = 2) -> Path:
     """A tiny model, trained for a few steps so that its metrics are not degenerate (e.g. mIoU 0)."""
     from cut.data import get_dataset
     from cut.train import make_loader, pretrain
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16))
-    data = get_dataset("scenes", "train", num_samples=96, size=32, seed=0)
-    pretrain(model, make_loader(data, 16, shuffle=True), None, epochs=2, lr=3e-3, progress=False)
+    data = get_dataset("scenes", "train", num_samples=samples, size=32, seed=0)
+    pretrain(model, make_loader(data, 16, shuffle=True), None, epochs=epochs, lr=3e-3, progress=False)
     save_model(root / "base", model, {"dataset": "scenes", "dataset_kwargs": {"size": 32, "seed": 0}})
     return root / "base"
 
