@@ -87,21 +87,6 @@ def local_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1
     return agg if p == 1.0 else power(agg, 1.0 / p)
 
 
-def distributed_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1.0) -> TaskScores:
-    """Secure-aggregation sums with noise z C in total: shares of std z C / sqrt(n_t), not clamped; the
-    server clamps the sum at 0 (and undoes the power p)."""
-    rng = np.random.default_rng([seed, 7])
-    clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip), d.pid) for d in fleet.devices]
-    sums: TaskScores = {}
-    for task in fleet.base.task_names:
-        holders = [i for i, d in enumerate(fleet.devices) if task in d.tasks]
-        like = clipped[holders[0]][task]
-        share = z * clip / math.sqrt(len(holders))
-        total = sum(flat(clipped[i][task]) + rng.normal(0.0, share, size=len(flat(like))) for i in holders)
-        sums[task] = unflat(np.maximum(total, 0.0) ** (1.0 / p), like)
-    return sums
-
-
 def shrink(values: np.ndarray, like: dict, noise_var: dict[str, float] | float) -> dict[str, np.ndarray]:
     """Empirical-Bayes shrinkage of a noisy score vector towards each group's mean (post-processing: it
     uses only the released values and the noise variance). Per group g: lambda = max(0, var_g - s2) /
@@ -117,9 +102,11 @@ def shrink(values: np.ndarray, like: dict, noise_var: dict[str, float] | float) 
     return out
 
 
-def denoised_distributed(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> TaskScores:
-    """distributed_aggregate, but the server shrinks the (unclamped) noisy sums with the known noise
-    variance (z C)^2 per coordinate before clamping and undoing the power."""
+def distributed_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1.0,
+                          denoise: bool = False) -> TaskScores:
+    """Secure-aggregation sums with noise z C in total: shares of std z C / sqrt(n_t), not clamped; the
+    server (optionally) shrinks the noisy sums with the known noise variance (z C)^2 per coordinate, then
+    clamps at 0 and undoes the power p."""
     rng = np.random.default_rng([seed, 7])
     clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip), d.pid) for d in fleet.devices]
     out: TaskScores = {}
@@ -128,7 +115,7 @@ def denoised_distributed(fleet: Fleet, clip: float, z: float, seed: int, p: floa
         like = clipped[holders[0]][task]
         share = z * clip / math.sqrt(len(holders))
         total = sum(flat(clipped[i][task]) + rng.normal(0.0, share, size=len(flat(like))) for i in holders)
-        est = shrink(total, like, (z * clip) ** 2)
+        est = shrink(total, like, (z * clip) ** 2) if denoise else unflat(total, like, np.float64)
         out[task] = {g: (np.maximum(v, 0.0) ** (1.0 / p)).astype(np.float32) for g, v in est.items()}
     return out
 
@@ -240,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
                        lambda z=z, seed=seed: distributed_aggregate(fleet, clip_p, z, seed, 0.25))
             if "shrink" in families:
                 record("distributed DP (central epsilon), scores^0.25, shrinkage", "distributed", eps, z, seed,
-                       lambda z=z, seed=seed: denoised_distributed(fleet, clip_p, z, seed, 0.25))
+                       lambda z=z, seed=seed: distributed_aggregate(fleet, clip_p, z, seed, 0.25, denoise=True))
             if "shrink-local" in families:
                 record("local DP, scores^0.25, shrinkage", "local", eps, z, seed,
                        lambda z=z, seed=seed: denoised_local(fleet, clip_p, z, seed, 0.25))

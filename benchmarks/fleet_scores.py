@@ -160,10 +160,10 @@ def flat(groups: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float64) for v in groups.values()])
 
 
-def unflat(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def unflat(vector: np.ndarray, like: Mapping[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
     out, start = {}, 0
     for g, v in like.items():
-        out[g] = vector[start:start + len(v)].astype(np.float32)
+        out[g] = vector[start:start + len(v)].astype(dtype)
         start += len(v)
     return out
 

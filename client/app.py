@@ -132,7 +132,7 @@ def _scored_base(device: Device) -> dict:
     return scored
 
 
-def _dense(context: Context, device: Device) -> MultiTaskModel:
+def _dense(device: Device) -> MultiTaskModel:
     scored = _scored_base(device)
     return base.decomposed(scored["base_sha256"], tuple(scored["tasks"]), scored["directory"])
 
@@ -200,11 +200,11 @@ def _scoring_inputs(msg: Message, context: Context):
     request = decode_request(field(cfg, "data", bytes, REQUEST), known_tasks=device.tasks)
     if set(request.tasks) != set(device.tasks):
         raise ValidationError(f"ScoringRequest: tasks {list(request.tasks)} are not this device's {list(device.tasks)}")
-    model = _receive_base(msg, context, device, cfg, request.base_model_sha256, tuple(request.tasks))
+    model = _receive_base(msg, device, cfg, request.base_model_sha256, tuple(request.tasks))
     return device, cfg, request, model, local_data(device)
 
 
-def _receive_base(msg: Message, context: Context, device: Device, cfg: ConfigRecord, sha: str,
+def _receive_base(msg: Message, device: Device, cfg: ConfigRecord, sha: str,
                   tasks: tuple[str, ...]) -> MultiTaskModel:
     """My decomposed base model, by the transport the server chose (shared path or arrays)."""
     transport = optional_field(cfg, "transport", str, "path")
@@ -233,7 +233,7 @@ def deliver(msg: Message, context: Context) -> Message:
     spec_bytes = field(config_of(msg.content, SPEC), "data", bytes, SPEC)
     arrays = record_arrays(msg.content.array_records.get(WEIGHTS), WEIGHTS)
     model, spec = store.receive(spec_bytes, arrays, device.tasks, scored["base_sha256"])
-    model, stored = _adopt(context, device, cfg, model, spec.plan, spec.weights_sha256)
+    model, stored = _adopt(device, cfg, model, spec.plan, spec.weights_sha256)
     metrics: dict[str, float] = {"params": float(count_params(model))}
     if optional_field(cfg, "evaluate", bool, False):
         batch = int(optional_field(cfg, "batch_size", int, 32))
@@ -248,10 +248,10 @@ def finetune_round(msg: Message, context: Context) -> Message:
     device = _device(context)
     _maybe_drop_out(device, "finetune")
     cfg = config_of(msg.content, CONFIG)
-    stored = _adopt_sent_weights(msg, context, device, cfg)
+    stored = _adopt_sent_weights(msg, device, cfg)
     data = local_data(device)
     student = copy.deepcopy(store.load(stored))
-    teacher = _dense(context, device)
+    teacher = _dense(device)
     seed = _seed(cfg, device) + 7 * int(optional_field(cfg, "round", int, 0))
     torch.manual_seed(seed)
     loader = make_loader(data.train, int(field(cfg, "batch_size", int, CONFIG)), shuffle=True, seed=seed)
@@ -270,9 +270,9 @@ def evaluate_models(msg: Message, context: Context) -> Message:
     device = _device(context)
     _maybe_drop_out(device, "evaluate")
     cfg = config_of(msg.content, CONFIG)
-    stored = _adopt_sent_weights(msg, context, device, cfg)
+    stored = _adopt_sent_weights(msg, device, cfg)
     compact = store.load(stored)
-    dense = _dense(context, device)
+    dense = _dense(device)
     data = local_data(device)
     batch = int(optional_field(cfg, "batch_size", int, 32))
     metrics = {
@@ -287,22 +287,19 @@ def evaluate_models(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: MetricRecord(metrics), CONFIG: _holding(stored)}), reply_to=msg)
 
 
-def _adopt(context: Context, device: Device, cfg: ConfigRecord, model: MultiTaskModel, plan: PruningPlan,
+def _adopt(device: Device, cfg: ConfigRecord, model: MultiTaskModel, plan: PruningPlan,
            source_sha: str) -> tuple[MultiTaskModel, store.StoredModel]:
     """Make server weights mine: optionally re-estimate BatchNorm statistics on my own samples (pruning
-    and averaging shift them; my data is what the model will see), then store and remember them."""
+    and averaging shift them; my data is what the model will see), then keep them as my active model."""
     if optional_field(cfg, "recalibrate_bn", bool, False):
         batches = take_batches(make_loader(local_data(device).train, int(optional_field(cfg, "bn_batch_size", int,
                                                                                           16)), shuffle=False),
                                int(optional_field(cfg, "bn_batches", int, 4)))
         model = recalibrate_batchnorm(copy.deepcopy(model), batches)
-    models = _models(device)
-    stored = models.put(model, plan, source_sha)
-    models.activate(stored)
-    return model, stored
+    return model, _models(device).put_active(model, plan, source_sha)
 
 
-def _adopt_sent_weights(msg: Message, context: Context, device: Device, cfg: ConfigRecord) -> store.StoredModel:
+def _adopt_sent_weights(msg: Message, device: Device, cfg: ConfigRecord) -> store.StoredModel:
     """If the server sent new weights for my plan (a FedAvg result), verify and adopt them first."""
     stored = _stored(device)
     record: ArrayRecord | None = msg.content.array_records.get(WEIGHTS)
@@ -312,7 +309,7 @@ def _adopt_sent_weights(msg: Message, context: Context, device: Device, cfg: Con
     if expected == stored.source_sha256:
         return stored
     model, plan = store.receive_weights(stored, record_arrays(record, WEIGHTS), expected)
-    return _adopt(context, device, cfg, model, plan, expected)[1]
+    return _adopt(device, cfg, model, plan, expected)[1]
 
 
 def _holding(stored: store.StoredModel) -> ConfigRecord:

@@ -139,6 +139,12 @@ class ModelStore:
         _remember(sha, model)
         return StoredModel(directory, sha, plan.plan_hash, source_sha256)
 
+    def put_active(self, model: MultiTaskModel, plan: PruningPlan, source_sha256: str) -> StoredModel:
+        """Keep `model` and make it the active one (what a device does with weights it adopts)."""
+        stored = self.put(model, plan, source_sha256)
+        self.activate(stored)
+        return stored
+
     def activate(self, stored: StoredModel) -> None:
         """Make `stored` the active model (atomic pointer swap), then drop models beyond the last `keep`."""
         if stored.directory.resolve() != (self.models / stored.weights_sha256).resolve():
@@ -217,14 +223,6 @@ class ModelStore:
                 _LOADED.pop(entry.name, None)
 
 
-def store(root: Path, model: MultiTaskModel, plan: PruningPlan, source_sha256: str, keep: int = 3) -> StoredModel:
-    """Keep `model` in the device's store at `root` and make it the active one."""
-    models = ModelStore(root, keep)
-    stored = models.put(model, plan, source_sha256)
-    models.activate(stored)
-    return stored
-
-
 def load(stored: StoredModel) -> MultiTaskModel:
     """The held model (cached per process; weights checked against the card when read from disk)."""
     if stored.weights_sha256 in _LOADED:
@@ -244,4 +242,4 @@ def _remember(sha: str, model: MultiTaskModel) -> None:
         _LOADED.popitem(last=False)
 
 
-__all__ = ["ModelStore", "StoredModel", "accept_spec", "load", "rebuild", "receive", "receive_weights", "store"]
+__all__ = ["ModelStore", "StoredModel", "accept_spec", "load", "rebuild", "receive", "receive_weights"]

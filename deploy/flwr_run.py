@@ -187,23 +187,29 @@ def check_connection(connection: str, env: Mapping[str, str] | None = None) -> N
                        f"{connection} --address HOST:PORT --root-certificates CA`)")
 
 
+def config_value(key: str, value: Any, what: str = "run config") -> str:
+    """One `key=value` of a Flower config argument (--run-config, --node-config): values as TOML, strings
+    quoted (Flower matches '...' or "..." and parses the pairs as TOML)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        text = repr(value)
+    else:
+        value = str(value)
+        if "'" not in value:
+            text = f"'{value}'"  # TOML literal string: no escapes to worry about
+        elif '"' not in value and "\\" not in value:
+            text = f'"{value}"'
+        else:
+            raise ValueError(f"{what} {key}: a value holding ' together with \" or \\ cannot be passed to flwr")
+    return f"{key}={text}"
+
+
 def run_config_args(run_config: Mapping[str, Any]) -> list[str]:
-    """`--run-config` arguments, one per key, values as TOML (strings quoted, booleans lower case)."""
+    """`--run-config` arguments, one per key."""
     args: list[str] = []
     for key, value in run_config.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            value = str(value)
-            if "'" not in value:
-                text = f"'{value}'"  # TOML literal string: no escapes to worry about
-            elif '"' not in value and "\\" not in value:
-                text = f'"{value}"'
-            else:
-                raise ValueError(f"run config {key}: a value holding both ' and \" cannot be passed to flwr")
-        args += ["--run-config", f"{key}={text}"]
+        args += ["--run-config", config_value(key, value)]
     return args
 
 
@@ -313,6 +319,6 @@ def exit_code(result: RunResult) -> int:
 
 __all__ = [
     "COMPLETED", "RunError", "RunResult", "check_connection", "describe", "executable", "exit_code", "flwr_env", "flwr_home",
-    "is_finished", "parse_json_output", "run_and_wait", "run_config_args", "run_id_from_output", "run_logs",
+    "is_finished", "parse_json_output", "run_and_wait", "config_value", "run_config_args", "run_id_from_output", "run_logs",
     "run_status", "start_run", "status_from_output", "stop_run", "wait_for_run", "write_connection",
 ]

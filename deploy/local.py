@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from deploy.certs import Certificates
-from deploy.flwr_run import RunError, _first_line, executable, flwr_env, parse_json_output, write_connection
+from deploy.flwr_run import (
+    RunError,
+    _first_line,
+    config_value,
+    executable,
+    flwr_env,
+    parse_json_output,
+    write_connection,
+)
 
 HOST = "127.0.0.1"
 
@@ -38,19 +46,8 @@ def free_port(host: str = HOST) -> int:
 
 
 def node_config_arg(config: Mapping[str, Any]) -> str:
-    """`--node-config` text: `key='value' key2=3` (strings single-quoted, as Flower parses them)."""
-    parts = []
-    for key, value in config.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}={value!r}")
-        else:
-            text = str(value)
-            if "'" in text:
-                raise ValueError(f"node config {key}: a value may not contain a single quote")
-            parts.append(f"{key}='{text}'")
-    return " ".join(parts)
+    """`--node-config` text: `key='value' key2=3` (parsed by Flower like --run-config)."""
+    return " ".join(config_value(key, value, "node config") for key, value in config.items())
 
 
 def _children() -> dict[int, list[int]]:

@@ -44,7 +44,7 @@ def normalised(scores: TaskScores) -> TaskScores:
     return fusion.normalise(scores, "global")
 
 
-def _weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def _weighted_mean(vectors: list[np.ndarray], weights: list[float], trim_fraction: float) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     stack = np.stack(vectors)
     if w.sum() <= 0:
@@ -52,7 +52,7 @@ def _weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarra
     return (w[:, None] * stack).sum(0) / w.sum()
 
 
-def _median(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def _median(vectors: list[np.ndarray], weights: list[float], trim_fraction: float) -> np.ndarray:
     return np.median(np.stack(vectors), axis=0)
 
 
@@ -69,16 +69,11 @@ def trimmed_mean(vectors: list[np.ndarray], trim_fraction: float) -> np.ndarray:
     return stack[k:n - k].mean(0)
 
 
-def _trimmed(trim_fraction: float) -> Callable[[list[np.ndarray], list[float]], np.ndarray]:
-    trimmed_mean([np.zeros(1)], trim_fraction)  # validates trim_fraction up front
-    return lambda vectors, weights: trimmed_mean(vectors, trim_fraction)
-
-
-# rule -> (trim_fraction -> combine(vectors, weights))
-AGGREGATORS: dict[str, Callable[[float], Callable[[list[np.ndarray], list[float]], np.ndarray]]] = {
-    "weighted-mean": lambda trim_fraction: _weighted_mean,
-    "median": lambda trim_fraction: _median,
-    "trimmed-mean": _trimmed,
+# rule -> combine(vectors, weights, trim_fraction); weights only matter to the weighted mean
+AGGREGATORS: dict[str, Callable[[list[np.ndarray], list[float], float], np.ndarray]] = {
+    "weighted-mean": _weighted_mean,
+    "median": _median,
+    "trimmed-mean": lambda vectors, weights, trim_fraction: trimmed_mean(vectors, trim_fraction),
 }
 
 
@@ -102,7 +97,9 @@ def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean"
         raise ValueError(f"unknown aggregation {rule!r}; known: {', '.join(AGGREGATORS)}")
     if server_clip < 0 or not np.isfinite(server_clip):
         raise ValueError(f"server_clip must be a finite number >= 0, got {server_clip}")
-    combine = AGGREGATORS[rule](trim_fraction)
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    combine = AGGREGATORS[rule]
     collected: dict[str, dict[str, tuple[list[np.ndarray], list[float]]]] = {}
     for scores, weights in contributions:
         for task, groups in normalised(scores).items():
@@ -110,7 +107,8 @@ def aggregate(contributions: Sequence[Contribution], rule: str = "weighted-mean"
                 vectors, ws = collected.setdefault(task, {}).setdefault(group, ([], []))
                 vectors.append(vec)
                 ws.append(float(weights.get(task, 0.0)))
-    return {task: {g: combine(clip_to_median(v, server_clip), w).astype(np.float32) for g, (v, w) in groups.items()}
+    return {task: {g: combine(clip_to_median(v, server_clip), w, trim_fraction).astype(np.float32)
+                   for g, (v, w) in groups.items()}
             for task, groups in collected.items()}
 
 

@@ -171,7 +171,7 @@ def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMod
     valid reports are kept there."""
     make = score_content_factory(settings, base)
     if settings.scoring.secure_aggregation:  # SecAgg+: the server learns per-task sums only (server.secagg)
-        if state is not None and state.resumed and state.kept_aggregated([r.device_id for r in ledger.active()]):
+        if state is not None and state.resumed and state.has_aggregated([r.device_id for r in ledger.active()]):
             for record in ledger.active():  # the same devices' secure sum is kept: nobody scores again
                 record.report_source = "resumed"
             return
@@ -202,8 +202,10 @@ def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMod
 def restore_reports(ledger: Ledger, state: RunState, base: BaseModel) -> None:
     """A resumed run: devices that reported before the restart get their kept report back (validated like a
     fresh one); a kept report that no longer fits the device (other tasks, damaged) is dropped."""
+    if not state.resumed:
+        return
     for record in ledger.active():
-        kept = state.kept_report(record.device_id) if state.resumed else None
+        kept = state.kept_report(record.device_id)
         if kept is None:
             continue
         try:

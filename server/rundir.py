@@ -1,9 +1,11 @@
 """What the server keeps in its run directory so that a restarted server resumes instead of starting over.
 
-    OUT/state/manifest.json           base model sha256, scenario, phases completed, last finetune round
+    OUT/state/manifest.json           base model sha256, scenario, last finetune round completed
     OUT/state/reports/<device>.npz    each device's ImportanceReport as it arrived (wire header + arrays)
-    OUT/state/aggregated.npz          the per-task aggregated scores the plans were made from
-    OUT/state/plans/<plan hash>.json  each plan (PruningPlan JSON)
+    OUT/state/aggregated.npz          the per-task aggregated scores the plans were made from, and the
+                                      devices they came from (one file: both change together)
+    OUT/state/plans/<plan hash>.json  each plan (PruningPlan JSON; for inspection: a resumed run derives
+                                      the same plans again from the kept aggregate)
     OUT/state/builds/<plan hash>.npz  each plan's current compact weights (after the last finetune round)
 
 Scoring is the expensive, privacy-relevant step of a device, so a resumed run asks only devices without a
@@ -27,6 +29,7 @@ from cut.checkpoint import atomic_write
 from cut.plan import PruningPlan
 
 _HEADER = "__header__"
+_CONTRIBUTORS = "__contributors__"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -59,15 +62,15 @@ class RunState:
     def __init__(self, out_dir: str | Path, base_sha256: str, scenario: str, resume: bool) -> None:
         self.root = Path(out_dir) / "state"
         self.base_sha256, self.scenario = base_sha256, scenario
-        manifest = self._manifest() if resume else None
-        if manifest is not None and manifest.get("base_model_sha256") != base_sha256:
+        kept = self._manifest() if resume else None
+        if kept is not None and kept.get("base_model_sha256") != base_sha256:
             raise ValueError(f"cannot resume from {self.root}: it was made with base model "
-                             f"{str(manifest.get('base_model_sha256'))[:12]}..., not {base_sha256[:12]}...")
-        if manifest is None:
+                             f"{str(kept.get('base_model_sha256'))[:12]}..., not {base_sha256[:12]}...")
+        if kept is None:
             shutil.rmtree(self.root, ignore_errors=True)
-            manifest = {"base_model_sha256": base_sha256, "scenario": scenario, "completed": [], "finetune_round": 0}
-        self.manifest: dict[str, Any] = manifest
-        self.resumed = resume and bool(manifest["completed"] or self.kept_devices())
+        self.resumed = kept is not None  # there was a run to continue
+        self.manifest: dict[str, Any] = kept or {"base_model_sha256": base_sha256, "scenario": scenario,
+                                                 "finetune_round": 0}
         for sub in ("reports", "plans", "builds"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_manifest()
@@ -82,20 +85,12 @@ class RunState:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"cannot resume: {path} is damaged ({e.msg})") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("completed"), list):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("finetune_round"), int):
             raise ValueError(f"cannot resume: {path} is not a cut-fl run manifest")
         return manifest
 
     def _write_manifest(self) -> None:
         atomic_write(self.root / "manifest.json", json.dumps(self.manifest, indent=2).encode())
-
-    def complete(self, phase: str) -> None:
-        if phase not in self.manifest["completed"]:
-            self.manifest["completed"].append(phase)
-            self._write_manifest()
-
-    def done(self, phase: str) -> bool:
-        return phase in self.manifest["completed"]
 
     @property
     def finetune_round(self) -> int:
@@ -129,25 +124,29 @@ class RunState:
     # -------------------------------------------------------------------------- aggregate and plans
 
     def keep_aggregated(self, scores: dict[str, dict[str, np.ndarray]], contributors: list[str]) -> None:
-        atomic_write(self.root / "aggregated.npz", _npz_bytes(_flat(scores)))
-        atomic_write(self.root / "aggregated.json", json.dumps({"contributors": sorted(contributors)}).encode())
+        data = {_CONTRIBUTORS: np.array(sorted(contributors), dtype=str), **_flat(scores)}
+        atomic_write(self.root / "aggregated.npz", _npz_bytes(data))
+
+    def has_aggregated(self, contributors: list[str]) -> bool:
+        """Whether the kept aggregate was made from exactly these devices (reads only that list)."""
+        path = self.root / "aggregated.npz"
+        if not path.is_file():
+            return False
+        with np.load(path, allow_pickle=False) as data:
+            return _CONTRIBUTORS in data.files and data[_CONTRIBUTORS].tolist() == sorted(contributors)
 
     def kept_aggregated(self, contributors: list[str]) -> dict[str, dict[str, np.ndarray]] | None:
         """The kept aggregate if it was made from exactly these devices' reports."""
-        meta, data = self.root / "aggregated.json", self.root / "aggregated.npz"
-        if not meta.is_file() or not data.is_file():
+        if not self.has_aggregated(contributors):
             return None
-        if json.loads(meta.read_text()).get("contributors") != sorted(contributors):
-            return None
-        return _nested(_read_npz(data))
+        arrays = _read_npz(self.root / "aggregated.npz")
+        del arrays[_CONTRIBUTORS]
+        return _nested(arrays)
 
     def keep_plan(self, plan: PruningPlan) -> None:
         path = self.root / "plans" / f"{plan.plan_hash}.json"
         if not path.is_file():
             atomic_write(path, json.dumps(plan.to_dict()).encode())
-
-    def kept_plans(self) -> dict[str, PruningPlan]:
-        return {p.stem: PruningPlan.from_dict(json.loads(p.read_text())) for p in (self.root / "plans").glob("*.json")}
 
     def keep_weights(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> None:
         atomic_write(self.root / "builds" / f"{plan_hash}.npz", _npz_bytes(arrays))

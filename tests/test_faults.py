@@ -105,11 +105,13 @@ def test_run_state_round_trips_and_refuses_another_base_model(tmp_path):
     state.keep_aggregated(scores, ["b", "a"])
     assert state.kept_aggregated(["a", "b"])["seg"]["g1"].tolist() == [1.0, 1.0, 1.0]
     assert state.kept_aggregated(["a"]) is None  # made from other devices: not reused
-    state.complete("score")
+    assert state.has_aggregated(["a", "b"]) and not state.has_aggregated(["a", "b", "c"])
     resumed = RunState(tmp_path, "a" * 64, "test", resume=True)
-    assert resumed.resumed and resumed.done("score")
+    assert resumed.resumed and resumed.kept_report("device/../0001") is not None
+    assert resumed.kept_aggregated(["a", "b"])["depth"]["g1"].tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="base model"):
         RunState(tmp_path, "b" * 64, "test", resume=True)
+    assert not RunState(tmp_path / "elsewhere", "a" * 64, "test", resume=True).resumed  # nothing to continue
     fresh = RunState(tmp_path, "b" * 64, "test", resume=False)  # not resuming: start over
     assert not fresh.resumed and fresh.kept_devices() == []
     (tmp_path / "state" / "reports" / "x.npz").write_bytes(b"not a zip")

@@ -236,7 +236,7 @@ def test_store_verifies_tasks_base_and_weights(tmp_path):
     data, arrays = _delivery(tmp_path)
     model, spec = store.receive(data, arrays, ("depth", "seg"), "a" * 64)
     assert model.task_names == ["seg", "depth"]
-    stored = store.store(tmp_path, model, spec.plan, spec.weights_sha256)
+    stored = store.ModelStore(tmp_path).put_active(model, spec.plan, spec.weights_sha256)
     assert stored.weights_sha256 == spec.weights_sha256 == stored.source_sha256  # not adapted
     assert store.load(stored) is model
     reloaded, card = load_model(stored.directory)

@@ -43,9 +43,7 @@ def delivery(fraction: float, seed: int = 0, plan_fraction: float | None = None)
 def deliver(models: store.ModelStore, data: bytes, arrays) -> store.StoredModel:
     """The device's deliver path: verify and rebuild, then keep and activate (as client.app does)."""
     model, spec = store.receive(data, arrays, ("seg", "depth"), BASE_SHA)
-    stored = models.put(model, spec.plan, spec.weights_sha256)
-    models.activate(stored)
-    return stored
+    return models.put_active(model, spec.plan, spec.weights_sha256)
 
 
 def test_delivered_model_is_stored_verified_and_active(tmp_path):
