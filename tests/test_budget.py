@@ -105,3 +105,92 @@ def test_cost_aware_ranking_prunes_expensive_channels_first(analysis):
     assert len(aware.keep[cheap]) / analysis.sizes[cheap] > len(aware.keep[dear]) / analysis.sizes[dear]
     plain = make_plan(random_scores(analysis), analysis, "params", 0.5, BudgetOptions(cost_aware=False))
     assert plain.achieved["params_ratio"] <= 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# cut.planner: the one function from per-task scores to a plan
+
+
+def _tiny_scored():
+    import torch
+
+    from cut.data import get_dataset
+    from cut.importance import score_tasks, take_batches
+    from cut.train import make_loader
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16))
+    model = model.decompose(["seg", "normals"]).eval()
+    batches = take_batches(make_loader(get_dataset("scenes", "train", num_samples=8, size=32, seed=0), 4), 2)
+    return model, score_tasks(model, batches, ["seg", "normals"], "fisher", 2)
+
+
+@pytest.mark.parametrize("normalise", ["global", "mean"])
+@pytest.mark.parametrize("priorities", [{}, {"seg": 3.0, "normals": 0.5}])
+def test_plan_from_scores_is_the_servers_plan_bit_for_bit(normalise, priorities):
+    from cut.planner import plan_from_scores
+    from server.aggregate import fuse_for_device
+
+    model, per_task = _tiny_scored()
+    analysis = analyse(model)
+    options = BudgetOptions(round_to=2, min_channels=2)
+    tasks = ("seg", "normals")
+    # what server/planning.py:PlanBook.plan does today
+    fused = fuse_for_device(per_task, priorities, normalise)
+    server = make_plan(fused, analysis, "params", 0.4, options, base_model_sha256="cd" * 32, tasks=tasks,
+                       method="cut")
+    ours = plan_from_scores(per_task, analysis, "params", 0.4, options=options, priorities=priorities,
+                            normalise=normalise, rule="weighted", base_model_sha256="cd" * 32, tasks=tasks,
+                            method="cut")
+    assert ours.to_json() == server.to_json() and ours.plan_hash == server.plan_hash
+    if not priorities and normalise == "global":  # the defaults are the server's arguments
+        assert plan_from_scores(per_task, analysis, "params", 0.4, options=options, base_model_sha256="cd" * 32,
+                                tasks=tasks).to_json() == server.to_json()
+
+
+def test_plan_with_cut_plans_through_plan_from_scores():
+    from cut.data import get_dataset
+    from cut.importance import score_tasks, take_batches
+    from cut.methods import PlanRequest, plan_with
+    from cut.planner import plan_from_scores
+    from cut.train import make_loader
+
+    model, _ = _tiny_scored()
+    batches = take_batches(make_loader(get_dataset("scenes", "train", num_samples=8, size=32, seed=0), 4), 2)
+    options = BudgetOptions(round_to=2, min_channels=2)
+    via_method = plan_with("cut", PlanRequest(model, batches, ("seg", "normals"), "params", 0.5, options)).plan
+    per_task = score_tasks(model, batches, ["seg", "normals"], "fisher", 2)
+    direct = plan_from_scores(per_task, analyse(model), "params", 0.5, options=options, tasks=("seg", "normals"))
+    assert via_method.keep == direct.keep
+
+
+def test_uniform_plan_keeps_one_fraction_everywhere(analysis):
+    from cut.planner import uniform_counts, uniform_plan
+
+    scores = random_scores(analysis, 7)
+    r, counts = uniform_counts(analysis, "params", 0.5)
+    plan = uniform_plan(scores, analysis, "params", 0.5, method="l1")
+    assert plan.achieved["params_ratio"] <= 0.5
+
+    def nearest(size: int, fraction: float) -> int:
+        allowed = allowed_counts(size, BudgetOptions())
+        return int(allowed[np.argmin(np.abs(allowed - fraction * size))])
+
+    for name, kept in plan.keep.items():
+        assert len(kept) == counts[name] == nearest(analysis.sizes[name], r)
+        assert set(kept) == set(np.argsort(-scores[name], kind="stable")[: len(kept)].tolist())
+    # a slightly larger fraction would break the budget (r is the largest that fits)
+    bigger = {g: nearest(s, r + 0.02) for g, s in analysis.sizes.items()}
+    assert analysis.cost.cost("params", analysis.cost.counts_vector(bigger)) > 0.5 * analysis.cost.dense_params
+
+
+def test_union_plan_meets_the_budget_and_keeps_every_tasks_top(analysis):
+    from cut.fusion import top_fraction
+    from cut.planner import union_plan
+
+    per_task = {"seg": random_scores(analysis, 1), "normals": random_scores(analysis, 2)}
+    plan, q = union_plan(per_task, analysis, "params", 0.5)
+    assert plan.achieved["params_ratio"] <= 0.5 and 0 < q < 1
+    for scores in per_task.values():
+        for g, mask in top_fraction(scores, q).items():
+            assert set(np.flatnonzero(mask)) <= set(plan.keep[g])

@@ -62,6 +62,18 @@ def test_weighted_rule_uses_priorities():
         fuse(PER_TASK, "weighted", priorities={"a": -1.0})
 
 
+def test_weighted_without_priorities_is_the_mean_bit_for_bit():
+    # cut.planner's default rule is the server's `weighted`; with equal priorities it must equal `mean`
+    # exactly, so plans from either rule are the same plan.
+    rng = np.random.default_rng(0)
+    per_task = {t: {"s": rng.random(7), t: rng.random(3)} for t in ("a", "b", "c")}
+    for norm in ("global", "mean", "none"):
+        mean, weighted = fuse(per_task, "mean", norm), fuse(per_task, "weighted", norm)
+        assert all(np.array_equal(mean[g], weighted[g]) for g in mean)
+        equal = fuse(per_task, "weighted", norm, priorities={"a": 1.0, "b": 1.0, "c": 1.0})
+        assert all(np.array_equal(mean[g], equal[g]) for g in mean)
+
+
 def test_union_rule_ranks_units_kept_by_any_task_first():
     # a's units (s then ha): [1/3, 2/3, 1, 2, 1, 1]; top 3 (ties by position) = s3, s2, ha0.
     # b's units (s then hb): [2, 2, 0, 0, 0.5, 1.5]; top 3 = s0, s1, hb1.

@@ -1,0 +1,123 @@
+"""The benchmark runner: same data for every method, the recovery budget in every table, paired statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cut.bench import comparisons, expand_methods, paired_interval, run_bench, t975
+from cut.budget import BudgetOptions
+from cut.data import get_dataset
+from cut.data.scenes import scene_tasks
+from cut.models import ModelConfig, build_model
+from cut.pipeline import RecoveryConfig, Samples, seed_data
+
+TASKS = ["seg", "normals"]
+OPTIONS = BudgetOptions(round_to=2, min_channels=2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = get_dataset("scenes", "train", num_samples=12, size=32, seed=0)
+    test = get_dataset("scenes", "test", num_samples=4, size=32, seed=0)
+    return train, test
+
+
+def tiny_base():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16)).eval()
+
+
+def _bench(data, methods, out, seeds=(0,), budgets=(0.5,), steps=2, structured=True):
+    return run_bench(tiny_base(), data, TASKS, list(budgets), methods, list(seeds), 0, out, structured=structured,
+                     sparsity=0.7, batch_size=4, num_batches=2, options=OPTIONS, progress=False,
+                     recovery=RecoveryConfig(steps=steps, batch_size=4))
+
+
+def _by_cell(results):
+    return {(r["method"], r["budget"], r["seed"]): r for r in results["rows"]}
+
+
+def test_reordering_methods_changes_no_result_bit(data, tmp_path):
+    # random draws channels, snip and cut score on the data, all recover on it: any shared iterator or
+    # global random state between cells would change a later method's numbers.
+    forward = _bench(data, ["random", "snip", "cut"], tmp_path / "a", budgets=(0.5, 0.7))
+    backward = _bench(data, ["cut", "snip", "random"], tmp_path / "b", budgets=(0.7, 0.5))
+    alone = _bench(data, ["cut"], tmp_path / "c", budgets=(0.5,))
+    a, b, c = _by_cell(forward), _by_cell(backward), _by_cell(alone)
+    assert a.keys() == b.keys()
+    for key, row in a.items():
+        other = b[key]
+        assert row["plan_hash"] == other["plan_hash"]
+        assert row["delta_m"] == other["delta_m"] and row["delta_m_before_recovery"] == other["delta_m_before_recovery"]
+        assert row["metrics"] == other["metrics"]
+    assert c[("cut", 0.5, 0)]["delta_m"] == a[("cut", 0.5, 0)]["delta_m"]
+    assert c[("cut", 0.5, 0)]["metrics"] == a[("cut", 0.5, 0)]["metrics"]
+
+
+def test_seed_data_is_a_function_of_the_seed(data):
+    train = Samples.from_dataset(data[0])
+    cfg = RecoveryConfig(steps=5, batch_size=4)
+    one, again, other = seed_data(train, 3, 4, 2, cfg), seed_data(train, 3, 4, 2, cfg), seed_data(train, 4, 4, 2, cfg)
+    assert len(one.scoring) == 2 and len(one.recovery) == 5
+    for (x1, y1), (x2, y2) in zip(one.scoring, again.scoring, strict=True):
+        assert torch.equal(x1, x2) and all(torch.equal(y1[k], y2[k]) for k in y1)
+    assert all(torch.equal(one.recovery[i][0], again.recovery[i][0]) for i in range(5))
+    assert not torch.equal(one.scoring[0][0], other.scoring[0][0])
+    # the scoring batches do not depend on how long recovery is
+    longer = seed_data(train, 3, 4, 2, RecoveryConfig(steps=50, batch_size=4))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one.scoring, longer.scoring, strict=True))
+    # every recovery epoch visits every sample once
+    order = longer.recovery.order[: len(train)]
+    assert sorted(order.tolist()) == list(range(len(train)))
+
+
+def test_bench_tables_state_the_recovery_budget_and_compare_cut(data, tmp_path):
+    results = _bench(data, ["random", "l1", "cut", "cut-summed"], tmp_path, seeds=(0, 1))
+    assert len(results["rows"]) == 8
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert {"method", "budget", "seed", "delta_m", "delta_m_before_recovery", "params_ratio", "macs_ratio",
+            "metrics"} <= set(on_disk["rows"][0])
+    assert on_disk["config"]["recovery"]["steps"] == 2 and on_disk["config"]["machine"]["cores"] >= 1
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("2 steps x batch 4") >= 3  # the heading, the after-recovery table, the per-task table
+    assert "## Before recovery" in md and "| cut | cut |" in md and "| cut-summed | ablation |" in md
+    assert "best other" in md and "±" in md
+    comp = comparisons(results)
+    assert comp[0.5]["other"] in ("random", "l1")  # ablations are never the "other" method
+    assert (tmp_path / "delta_m_vs_budget.png").stat().st_size > 1000
+
+
+def test_unstructured_bench(data, tmp_path):
+    results = _bench(data, ["random", "cut"], tmp_path, structured=False, steps=1)
+    assert len(results["rows"]) == 2 and results["config"]["budget_kind"] == "sparsity"
+    assert all(r["sparsity"] == pytest.approx(0.7, abs=0.01) for r in results["rows"])
+
+
+def test_expand_methods():
+    assert expand_methods(["magnitude", "cut", "l1"]) == ["l1", "cut"]
+    grid = expand_methods(["tp-grid"])
+    assert len(grid) == 16 and all(m.startswith("tp-") for m in grid)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        expand_methods(["nope"])
+
+
+def test_paired_interval_by_hand():
+    # differences 1, 2, 3: mean 2, sample std 1, half width t(2) / sqrt(3) = 4.303 / 1.732
+    p = paired_interval({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    half = 4.303 / math.sqrt(3)
+    assert p["mean"] == pytest.approx(2.0) and p["low"] == pytest.approx(2 - half) and p["high"] == pytest.approx(2 + half)
+    assert p["verdict"] == "level"  # 2 - 2.48 < 0
+    assert paired_interval({0: 5.0, 1: 5.1, 2: 5.2}, {0: 0.0, 1: 0.0, 2: 0.1})["verdict"] == "better"
+    assert paired_interval({0: 0.0, 1: 0.0, 2: 0.1}, {0: 5.0, 1: 5.1, 2: 5.2})["verdict"] == "worse"
+    assert paired_interval({0: 1.0}, {0: 0.0}) is None
+    assert paired_interval({0: 1.0, 1: 2.0}, {1: 0.0, 2: 0.0}) is None  # only one shared seed
+
+
+def test_t_quantiles():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(22) == 2.086 and t975(1000) == 1.96
+    with pytest.raises(ValueError):
+        t975(0)
