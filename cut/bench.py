@@ -42,7 +42,7 @@ from cut.compact import apply_masks, recalibrate_batchnorm, weight_sparsity
 from cut.methods import BASELINES, METHODS, canonical, masks_with
 from cut.metrics import mean_std
 from cut.models import MultiTaskModel, count_params
-from cut.pipeline import RecoveryConfig, Samples, SeedData, prune, recover, seed_data
+from cut.pipeline import RecoveryConfig, Samples, SeedData, describe_recovery, prune, recover, seed_data
 from cut.progress import progress_bar
 from cut.train import evaluate, multitask_delta, primary_metrics
 
@@ -92,7 +92,7 @@ def run_bench(
     fusion: str | None = None,
     normalise: str | None = None,
     options: BudgetOptions | None = None,
-    finetune_lr: float = 1e-3,
+    finetune_lr: float | None = None,
     recovery: RecoveryConfig | None = None,
     recalibrate_bn: bool = True,
     base_sha256: str = "",
@@ -100,13 +100,15 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run every (seed, budget, method) cell; write results.json, results.md and the plot; return results.
 
-    `recovery` (else `finetune_steps` steps of batch `batch_size` at `finetune_lr`) is every method's
-    recovery stage.
+    `recovery` (else `finetune_steps` steps of batch `batch_size`, at `finetune_lr` if given) is every
+    method's recovery stage (`cut.recovery`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = expand_methods(methods)
-    recovery = recovery or RecoveryConfig(steps=finetune_steps, batch_size=batch_size, lr=finetune_lr)
+    if recovery is None:
+        recovery = RecoveryConfig(steps=finetune_steps, batch_size=batch_size,
+                                  **({"lr": finetune_lr} if finetune_lr is not None else {}))
     load_start = _loadavg()
     started = time.perf_counter()
     train_set, test_set = _datasets(dataset, dataset_kwargs or {}, train_samples, test_samples)
@@ -136,7 +138,7 @@ def run_bench(
         "tasks": list(tasks), "budgets": levels, "budget_kind": budget_kind if structured else "sparsity",
         "methods": methods, "seeds": list(seeds), "structured": structured, "num_batches": num_batches,
         "batch_size": batch_size, "train_samples": len(train), "test_samples": len(test),
-        "recovery": {**_asdict(recovery), "budget": recovery.budget()}, "criterion": criterion, "fusion": fusion,
+        "recovery": {**_asdict(recovery), "budget": describe_recovery(recovery)}, "criterion": criterion, "fusion": fusion,
         "normalise": normalise, "bn_recalibration": recalibrate_bn, "base_sha256": base_sha256,
         "seconds": time.perf_counter() - started, "data_seconds": data_seconds,
         "dataset": dataset if isinstance(dataset, str) else type(train_set).__name__,

@@ -11,18 +11,18 @@ and after, delta_m (EVALUATION.md), and where the time went. Data loading is tim
 
 Same data for every method: `Samples` materialises a split once as tensors, and `seed_data` draws from
 it, per seed, the scoring batches (also used to re-estimate BatchNorm statistics) and the recovery
-batches (`IndexedBatches`, built on access from a fixed index order, so every method trains on
-byte-identical batches without holding them all in memory).
+batches, so every method scores and trains on byte-identical batches.
 
-Recovery is one stage for every method (`recover`, configured by a `RecoveryConfig`); its budget
-(steps x batch size, learning rate, schedule, distillation) is reported with every result.
+Recovery is one stage for every method (`cut.recovery.recover`, configured by a `RecoveryConfig`,
+visiting the recovery batches in an order seeded by the run's seed); its budget (steps x batch size,
+learning rate, schedule, distillation) is reported with every result (`describe_recovery`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -36,40 +36,26 @@ from cut.methods import PlanRequest, canonical, plan_with
 from cut.models import MultiTaskModel, count_macs, count_params
 from cut.plan import PruningPlan
 from cut.progress import progress_bar
-from cut.train import evaluate, finetune, make_loader, multitask_delta
+from cut.recovery import RecoveryConfig, recover
+from cut.train import evaluate, make_loader, multitask_delta
 
 # ----------------------------------------------------------------------------------------------------
-# Recovery: one function for every method. Until cut/recovery.py lands, an adapter over
-# cut.train.finetune with the same API; switching is the import line below.
+# Recovery: one stage for every method (cut.recovery), described the same way in every report
 
 
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """Recovery budget and recipe (fields as cut.recovery.RecoveryConfig)."""
-
-    steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_fraction: float = 0.0
-    distill_weight: float = 0.5
-    feature_weight: float = 0.0
-    weight_decay: float = 0.0
-
-    def budget(self) -> str:
-        if self.steps <= 0:
-            return "no recovery"
-        return (f"{self.steps} steps x batch {self.batch_size} ({self.steps * self.batch_size} samples), AdamW lr "
-                f"{self.lr:g}, cosine, distillation weight {self.distill_weight:g}")
-
-
-def recover(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Iterable[Batch],
-            config: RecoveryConfig, *, seed: int = 0, progress: bool = False) -> dict:
-    """Train `student` for config.steps steps on `batches` (cycled), distilling from `teacher`."""
-    torch.manual_seed(seed)
-    t = time.perf_counter()
-    finetune(student, teacher, batches, config.steps, lr=config.lr, distill_weight=config.distill_weight,
-             feature_weight=config.feature_weight, progress=progress)
-    return {"steps": config.steps, "seconds": time.perf_counter() - t}
+def describe_recovery(config: RecoveryConfig) -> str:
+    """The recovery budget and recipe as tables print it."""
+    if config.steps <= 0:
+        return "none (0 steps)"
+    parts = [f"{config.budget()} samples", f"AdamW lr {config.lr:g}",
+             f"{config.warmup_fraction:.0%} warm-up + cosine", f"distillation weight {config.distill_weight:g}"]
+    if config.feature_weight:
+        parts.append(f"attention transfer {config.feature_weight:g}")
+    if config.weight_decay:
+        parts.append(f"weight decay {config.weight_decay:g}")
+    if getattr(config, "freeze_bn", False):
+        parts.append("BatchNorm frozen")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,56 +90,28 @@ class Samples:
         return [self.batch(torch.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
-class IndexedBatches(Sequence):
-    """Batch i = samples at order[i * batch_size : (i + 1) * batch_size], built on access."""
-
-    def __init__(self, samples: Samples, order: torch.Tensor, batch_size: int) -> None:
-        self.samples, self.order, self.batch_size = samples, order, batch_size
-
-    def __len__(self) -> int:
-        return len(self.order) // self.batch_size
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
-        return self.samples.batch(self.order[i * self.batch_size:(i + 1) * self.batch_size])
-
-    def __iter__(self) -> Iterator[Batch]:
-        return (self[i] for i in range(len(self)))
-
-
-def _order(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` sample indices: successive random permutations of range(n) (epochs), concatenated."""
-    parts, total = [], 0
-    while total < count:
-        parts.append(torch.randperm(n, generator=generator))
-        total += n
-    return torch.cat(parts)[:count] if parts else torch.zeros(0, dtype=torch.long)
-
-
 @dataclass
 class SeedData:
     """One seed's data, shared by every method and budget of that seed."""
 
     seed: int
     scoring: list[Batch]  # scoring and BatchNorm re-estimation
-    recovery: IndexedBatches  # recovery steps, in order
+    recovery: list[Batch]  # recovery visits these in an order seeded by the same seed
 
 
 def seed_data(train: Samples, seed: int, batch_size: int, num_batches: int, recovery: RecoveryConfig) -> SeedData:
-    """The scoring batches (one permutation of the train samples) and the recovery batches (further
-    permutations), all drawn from a generator seeded by `seed` alone."""
+    """The scoring batches (the start of one permutation of the train samples) and the recovery batches (a
+    second permutation, min(N, steps x batch) samples in batches of the recovery batch size), both drawn
+    from a generator seeded by `seed` alone."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     gen = torch.Generator().manual_seed(seed)
     n = len(train)
     first = torch.randperm(n, generator=gen)
     scoring = [train.batch(first[i:i + batch_size]) for i in range(0, min(n, num_batches * batch_size), batch_size)]
-    order = _order(n, max(recovery.steps, 0) * recovery.batch_size, gen)
-    return SeedData(seed, scoring, IndexedBatches(train, order, recovery.batch_size))
+    second = torch.randperm(n, generator=gen)[: min(n, max(recovery.steps, 0) * recovery.batch_size)]
+    step = recovery.batch_size
+    return SeedData(seed, scoring, [train.batch(second[i:i + step]) for i in range(0, len(second), step)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,25 +143,28 @@ def prune(
     normalise: str | None = None,
     eval_batches: int | None = None,
     dense_metrics: Mapping[str, Mapping[str, float]] | None = None,
-    finetune_lr: float = 1e-3,
+    finetune_lr: float | None = None,
     recalibrate_bn: bool = True,
     recovery: RecoveryConfig | None = None,
     scoring_batches: list[Batch] | None = None,
-    recovery_batches: Iterable[Batch] | None = None,
+    recovery_batches: Sequence[Batch] | None = None,
     progress: bool = True,
 ) -> tuple[MultiTaskModel, PruningPlan, dict[str, Any]]:
     """Prune `base_model` for `tasks` to the budget; returns (compact model, plan, report).
 
     Data: `scoring_batches` (else the first `num_batches` of `train_loader`) score the channels and
     re-estimate BatchNorm statistics (`recalibrate_bn`: pruning shifts the statistics downstream layers
-    normalise with); `recovery_batches` (else `train_loader`, cycled) feed the recovery stage. Recovery:
-    `recovery` (else `finetune_steps` steps at `finetune_lr`), distilled from the dense decomposed model.
+    normalise with); `recovery_batches` (else one pass of `train_loader`, at most `steps` batches) feed the
+    recovery stage, `cut.recovery.recover` with `recovery` (else `finetune_steps` steps, at `finetune_lr` if
+    given), distilled from the dense decomposed model.
     `dense_metrics` (the decomposed model's metrics on `test_loader`) may be passed to skip evaluating
     the dense model again when several methods share one base model.
     """
     check_budget(budget_kind, budget_value)
     method = canonical(method)
-    recovery = recovery or RecoveryConfig(steps=finetune_steps, lr=finetune_lr)
+    if recovery is None:
+        recovery = RecoveryConfig(steps=finetune_steps)
+        recovery = replace(recovery, lr=finetune_lr) if finetune_lr is not None else recovery
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     decomposed = base_model.decompose(list(tasks))
@@ -243,11 +204,12 @@ def prune(
         advance(1, "evaluated dense")
 
     t = time.perf_counter()
+    report_recovery: dict[str, Any] = {}
     if recovery.steps > 0:
-        data = recovery_batches if recovery_batches is not None else train_loader
-        if data is None:
+        data = list(recovery_batches) if recovery_batches is not None else _take(train_loader, recovery.steps)
+        if not data:
             raise ValueError("recovery needs recovery_batches or a train_loader")
-        recover(compact, decomposed, data, recovery, seed=seed, progress=progress)
+        report_recovery = recover(compact, decomposed, data, recovery, seed=seed, progress=progress)
     compact.eval()
     seconds["recovery"] = time.perf_counter() - t
 
@@ -259,7 +221,8 @@ def prune(
     report = _report(base_model, decomposed, compact, result, metrics, seconds)
     report.update({"tasks": list(tasks), "method": method, "seed": seed, "num_batches": len(batches),
                    "bn_recalibrated": bool(recalibrate_bn and batches),
-                   "recovery": {**asdict(recovery), "budget": recovery.budget()},
+                   "recovery": {**asdict(recovery), "budget": describe_recovery(recovery),
+                                "final_loss": report_recovery.get("loss")},
                    "budget": {"kind": budget_kind, "value": float(budget_value)}})
     return compact, result.plan, report
 
@@ -306,10 +269,10 @@ def _report(base, decomposed, compact, result, metrics, seconds) -> dict[str, An
 
 
 __all__ = [
-    "IndexedBatches",
     "RecoveryConfig",
     "Samples",
     "SeedData",
+    "describe_recovery",
     "model_size",
     "prune",
     "recover",
