@@ -78,7 +78,7 @@ def test_recovery_reduces_distillation_loss():
     student = cut_student(teacher, ["seg", "depth"], budget=0.4)
     batches = make_batches()
     before = distill_on(student, teacher, batches)
-    stats = recover(student, teacher, batches, RecoveryConfig(steps=30, batch_size=4, lr=3e-3, feature_weight=1.0))
+    stats = recover(student, teacher, batches, RecoveryConfig(steps=20, batch_size=4, lr=3e-3, feature_weight=1.0))
     assert distill_on(student, teacher, batches) < 0.8 * before
     assert stats["feature"] is not None and stats["task"] is None  # pure distillation by default
     assert not student.training
@@ -174,6 +174,9 @@ def test_student_with_a_task_the_teacher_lacks_is_refused():
 def test_stage_names_and_recovery_batches():
     teacher = tiny_teacher()
     assert _stage_names(teacher) == [f"backbone.layer{i}" for i in range(1, 5)]
+    mobile = build_model(ModelConfig(tasks=scene_tasks(), backbone="mobilenet_v2", width=0.25, input_size=(32, 32)))
+    assert _stage_names(mobile)[:3] == ["backbone.features.1", "backbone.features.3", "backbone.features.6"]
+    assert _stage_names(mobile)[-1] == "backbone.features.18"
 
     class Tiny(torch.utils.data.Dataset):
         def __len__(self):

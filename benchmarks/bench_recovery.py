@@ -1,0 +1,171 @@
+"""Measure `cut.recovery` on CUT-pruned scenes models: delta_m and seconds per recovery recipe and budget.
+
+    .venv/bin/python benchmarks/bench_recovery.py [--model runs/pretrained-scenes] [--configs NAME,...]
+        [--budgets 0.3,0.5,0.7] [--tasks seg,depth/seg,depth,normals] [--pool 2048] [--test-samples 300]
+        [--threads 2] [--out benchmarks/results/recovery.json]
+
+For every task set and params budget the base model is pruned with `cut.pipeline.prune` (method cut,
+BatchNorm re-estimated on the 4 scoring batches, no fine-tune). Each recovery recipe (CONFIGS) then
+recovers all these compact models together with `recover_many`, the full base model as the teacher, on one
+fixed list of batches drawn from the card's training data (the server's pre-training data), and each model
+is evaluated on the card's test split against its dense decomposed model. Seconds per model are its own
+updates plus an equal share of the teacher passes. Results merge into the JSON by recipe name, so recipes
+can be run in pieces; a markdown table of everything in the JSON is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from machine import cpu_model  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+
+from cut.checkpoint import load_model  # noqa: E402
+from cut.data import get_dataset  # noqa: E402
+from cut.pipeline import prune  # noqa: E402
+from cut.recovery import RecoveryConfig, recover_many, recovery_batches  # noqa: E402
+from cut.train import evaluate, make_loader, multitask_delta  # noqa: E402
+
+# name -> recipe. "base" is the reference; the others change one thing (or two, where named).
+CONFIGS: dict[str, RecoveryConfig] = {
+    "none": RecoveryConfig(steps=0),
+    "kd-100": RecoveryConfig(steps=100, lr=3e-3),
+    "kd-300": RecoveryConfig(steps=300, lr=3e-3),
+    "kd-1000": RecoveryConfig(steps=1000, lr=3e-3),
+    "kd-100-lr1e-3": RecoveryConfig(steps=100, lr=1e-3),
+    "kd-300-lr1e-3": RecoveryConfig(steps=300, lr=1e-3),
+    "kd+at-100": RecoveryConfig(steps=100, lr=3e-3, feature_weight=1.0),
+    "kd+at10-100": RecoveryConfig(steps=100, lr=3e-3, feature_weight=10.0),
+    "kd+at-300": RecoveryConfig(steps=300, lr=3e-3, feature_weight=1.0),
+    "kd+task-100": RecoveryConfig(steps=100, lr=3e-3, distill_weight=0.5),
+    "kd+task-300": RecoveryConfig(steps=300, lr=3e-3, distill_weight=0.5),
+    "kd-100-nowarmup": RecoveryConfig(steps=100, lr=3e-3, warmup_fraction=0.0),
+    "kd-100-frozenbn": RecoveryConfig(steps=100, lr=3e-3, freeze_bn=True),
+    "kd-100-b16": RecoveryConfig(steps=100, batch_size=16, lr=3e-3),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/pretrained-scenes")
+    p.add_argument("--configs", default="none,kd-100,kd-300", help=f"comma-separated, of {','.join(CONFIGS)}")
+    p.add_argument("--budgets", default="0.3,0.5,0.7")
+    p.add_argument("--tasks", default="seg,depth/seg,depth,normals", help="task sets separated by /")
+    p.add_argument("--pool", type=int, default=2048, help="distinct training samples the recovery batches hold")
+    p.add_argument("--test-samples", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default="/tmp/bench_recovery_cache", help="rendered batches are kept here")
+    p.add_argument("--out", default="benchmarks/results/recovery.json")
+    return p.parse_args(argv)
+
+
+def cached(path: Path, make):
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base, card = load_model(args.model)
+    train_kwargs, test_kwargs = dict(card["dataset_kwargs"]), dict(card["test_kwargs"])
+    test_kwargs["num_samples"] = min(args.test_samples, test_kwargs.get("num_samples", args.test_samples))
+    key = f"{card['weights_sha256'][:12]}-s{args.seed}-p{args.pool}-t{test_kwargs['num_samples']}"
+    cache = Path(args.cache)
+    train_set = get_dataset(card["dataset"], "train", **train_kwargs)
+
+    def test_batches():
+        return list(make_loader(get_dataset(card["dataset"], "test", **test_kwargs), 64))
+
+    t = time.perf_counter()
+    test = cached(cache / f"test-{key}.pt", test_batches)
+    scoring = cached(cache / f"scoring-{key}.pt",
+                     lambda: [b for b, _ in zip(make_loader(train_set, 32, shuffle=True, seed=args.seed), range(4),
+                                                strict=False)])
+    pools: dict[int, list] = {}
+    print(f"data ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+    task_sets = [ts.split(",") for ts in args.tasks.split("/")]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    dense, compacts = {}, {}
+    t = time.perf_counter()
+    for tasks in task_sets:
+        name = ",".join(tasks)
+        dense[name] = evaluate(base.decompose(tasks).eval(), test, tasks)
+        for b in budgets:
+            compact, _, report = prune(base, tasks, "params", b, "cut", train_loader=scoring, num_batches=4,
+                                       seed=args.seed, recalibrate_bn=True, progress=False)
+            compacts[f"{name}@{b:g}"] = (compact, tasks, report["params_ratio"])
+    print(f"pruned {len(compacts)} models in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
+    results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+                          "loadavg_start": os.getloadavg()[0]}
+    results["setup"] = {"model": args.model, "weights_sha256": card["weights_sha256"], "pool": args.pool,
+                        "test_samples": test_kwargs["num_samples"], "seed": args.seed, "budgets": budgets,
+                        "task_sets": [",".join(ts) for ts in task_sets], "dense": dense}
+    for cname in args.configs.split(","):
+        config = CONFIGS[cname]
+        if config.batch_size not in pools:
+            pools[config.batch_size] = cached(
+                cache / f"pool-{key}-b{config.batch_size}.pt",
+                lambda c=config: recovery_batches(train_set, c, seed=args.seed + 1, num_samples=args.pool))
+        students = {k: copy.deepcopy(m) for k, (m, _, _) in compacts.items()}
+        t = time.perf_counter()
+        stats = recover_many(students, base, pools[config.batch_size], config, seed=args.seed)
+        wall = time.perf_counter() - t
+        rows = {}
+        for k, model in students.items():
+            tasks, ratio = compacts[k][1], compacts[k][2]
+            metrics = evaluate(model, test, tasks)
+            s = {x: v for x, v in stats[k].items() if x != "lr"}
+            rows[k] = {"delta_m": multitask_delta(model, metrics, dense[",".join(tasks)]), "metrics": metrics,
+                       "params_ratio": ratio, **s}
+        results["runs"][cname] = {"config": asdict(config), "budget": config.budget(), "wall_seconds": wall,
+                                  "students": len(students), "loadavg": os.getloadavg()[0], "rows": rows}
+        print(f"{cname}: " + " ".join(f"{k} {r['delta_m']:+.2f}" for k, r in rows.items())
+              + f" ({wall:.0f} s for {len(students)} models)", file=sys.stderr)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    cols = list(next(iter(runs.values()))["rows"]) if runs else []
+    lines = [
+        f"Recovery of CUT-pruned models (params budgets), {results['machine']['cpu']}, "
+        f"{results['machine']['threads']} torch thread(s); pool {results['setup']['pool']} training samples, "
+        f"{results['setup']['test_samples']} test samples. delta_m (%) vs the dense decomposed model; "
+        "s/model = seconds of recovery per model (its updates + a share of the teacher passes).",
+        "",
+        "| recipe | budget | " + " | ".join(cols) + " | s/model |",
+        "|---|---|" + "---|" * (len(cols) + 1),
+    ]
+    for name, run in runs.items():
+        rows = run["rows"]
+        secs = sum(r["seconds"] for r in rows.values()) / max(1, len(rows))
+        lines.append(f"| {name} | {run['budget']} | "
+                     + " | ".join(f"{rows[c]['delta_m']:+.2f}" if c in rows else "-" for c in cols)
+                     + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
