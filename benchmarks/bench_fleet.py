@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int)
     parser.add_argument("--out", type=Path, default=Path("runs") / "bench-fleet")
     args = parser.parse_args()
-    cmd = [sys.executable, "-m", "cut.cli", "simulate", args.scenario, "--out", str(args.out), "--quiet"]
+    cmd = [sys.executable, "-m", "cutfl", "simulate", args.scenario, "--out", str(args.out), "--quiet"]
     if args.devices:
         cmd += ["--devices", str(args.devices)]
     peak = {"tree": 0, "driver": 0}

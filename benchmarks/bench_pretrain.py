@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = args.out or Path("runs") / f"bench-pretrain-{args.dataset}"
-    cli = [sys.executable, "-m", "cut.cli"]
+    cli = [sys.executable, "-m", "cutfl"]
     trained, seconds = run([*cli, "pretrain", "--dataset", args.dataset, "--out", str(out)])
     trivial, _ = run([*cli, "trivial", "--dataset", args.dataset])
     card = json.loads((out / "model.json").read_text())

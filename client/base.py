@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import arrays_state, build_architecture
 from cut.checkpoint import load_model, read_card, save_model
 from cut.messages import ValidationError
 from cut.models import MultiTaskModel
 from cut.wire import arrays_sha256
+from protocol.records import arrays_state, build_architecture
 
 _FULL: dict[tuple[str, str], MultiTaskModel] = {}
 _DECOMPOSED: OrderedDict[tuple[str, tuple[str, ...]], MultiTaskModel] = OrderedDict()

@@ -15,9 +15,10 @@ from functools import lru_cache
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from client.device import DataSpec, Device
+from client.device import Device
 from cut.data import get_dataset
 from cut.data.partition import partition
+from protocol.phases import DataSpec
 
 
 @dataclass(frozen=True)

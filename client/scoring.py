@@ -11,8 +11,7 @@ few batches of its own samples, then prepares what leaves the device:
    contract wants non-negative scores; clamping is post-processing, so it costs no privacy);
 3. encoding with `cut.wire.encode_report` (float16 by default: half the upload).
 
-A test device can be told to misbehave (see `client.device.MISBEHAVIOURS`): it then corrupts the encoded
-report the way a buggy or hostile device would, so the server's validation is exercised end to end.
+What leaves passes through the device's hooks (client.hooks), where a simulation injects faults.
 """
 
 from __future__ import annotations
@@ -22,14 +21,14 @@ import torch
 
 from client.data import LocalData
 from client.device import Device
+from client.hooks import NO_HOOKS, DeviceHooks
 from cut import fusion
+from cut.fusion import TaskScores
 from cut.importance import score_tasks
 from cut.messages import ImportanceReport, PrivacySettings, ScoringRequest
 from cut.models import MultiTaskModel
 from cut.train import make_loader
 from cut.wire import encode_report
-
-TaskScores = dict[str, dict[str, np.ndarray]]
 
 
 def local_scores(model: MultiTaskModel, data: LocalData, request: ScoringRequest, seed: int) -> TaskScores:
@@ -86,37 +85,15 @@ def build_report(device: Device, request: ScoringRequest, scores: TaskScores, sa
 
 
 def score_and_encode(
-    device: Device, model: MultiTaskModel, data: LocalData, request: ScoringRequest, dtype: str, seed: int
+    device: Device, model: MultiTaskModel, data: LocalData, request: ScoringRequest, dtype: str, seed: int,
+    hooks: DeviceHooks = NO_HOOKS,
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """The whole device side of query.score: scores -> normalise -> privatise -> wire (header, arrays)."""
-    if device.misbehave == "crash":
-        raise RuntimeError("device crashed while scoring (misbehave=crash)")
     scores = privatise(normalised(local_scores(model, data, request, seed)), request.privacy, seed)
     samples_used = min(request.num_batches * request.batch_size, data.num_train)
-    report = build_report(device, request, scores, samples_used)
-    if device.misbehave == "unknown-task":
-        first = next(iter(scores))
-        report = build_report(device, request, {**scores, "bogus": scores[first]}, samples_used)
+    report = hooks.outgoing("report", device, build_report(device, request, scores, samples_used))
     header, arrays = encode_report(report, dtype)
-    return header, corrupt(arrays, device.misbehave)
+    return header, hooks.outgoing("report-arrays", device, arrays)
 
 
-def corrupt(arrays: dict[str, np.ndarray], misbehave: str) -> dict[str, np.ndarray]:
-    """What a faulty device sends: NaNs, a truncated vector or negative scores (after encoding, as a
-    device that skips validation would)."""
-    if misbehave not in ("nan", "wrong-length", "negative"):
-        return arrays
-    arrays = dict(arrays)
-    key = sorted(arrays)[0]
-    vec = arrays[key].copy()
-    if misbehave == "nan":
-        vec[0] = np.nan
-    elif misbehave == "negative":
-        vec[0] = -1.0
-    else:
-        vec = vec[:-1]
-    arrays[key] = vec
-    return arrays
-
-
-__all__ = ["build_report", "corrupt", "local_scores", "normalised", "privatise", "score_and_encode"]
+__all__ = ["build_report", "local_scores", "normalised", "privatise", "score_and_encode"]

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import arrays_state, build_architecture, state_arrays
 from cut.checkpoint import NotAModelDir, atomic_write, load_model, save_model
 from cut.compact import PlanMismatch, apply_plan
 from cut.messages import CompactModelSpec, ValidationError
 from cut.models import MultiTaskModel
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, decode_spec, verify_weights
+from protocol.records import arrays_state, build_architecture, state_arrays
 
 _LOADED: OrderedDict[str, MultiTaskModel] = OrderedDict()  # held weights sha256 -> model (this process)
 _MAX_LOADED = 32

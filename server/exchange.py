@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.records import content_nbytes
 from cut.progress import progress_bar
+from protocol.records import content_nbytes
 from server.ledger import FAILED, Ledger
 
 POLL_SECONDS = 0.1

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import state_arrays
 from cut.budget import BudgetOptions, make_plan
 from cut.checkpoint import load_model
 from cut.compact import compact_model
@@ -23,6 +22,7 @@ from cut.messages import Budget, CompactModelSpec
 from cut.models import MultiTaskModel, count_params
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, encode_spec
+from protocol.records import state_arrays
 from server.aggregate import TaskScores, fuse_for_device
 
 

@@ -159,14 +159,6 @@ def noise_for_epsilon(epsilon: float, num_tasks: int, delta: float, method: str 
     return hi
 
 
-def fleet_max_tasks(fleet) -> int:
-    """The most tasks one device of a fleet description (client.device.FleetSpec) can hold: the largest
-    task subset it draws from, or a per-device override. Noise calibrated for it covers every device."""
-    sizes = [len(tasks) for tasks, weight in fleet.all_subsets() if weight > 0]
-    sizes += [len(o["tasks"]) for o in fleet.overrides.values() if "tasks" in o]
-    return max(sizes, default=len(fleet.tasks))
-
-
 def _check_delta(delta: float) -> None:
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
@@ -215,7 +207,6 @@ __all__ = [
     "analytic_delta",
     "analytic_epsilon",
     "central_epsilon",
-    "fleet_max_tasks",
     "gaussian_rdp",
     "local_epsilon",
     "noise_for_epsilon",

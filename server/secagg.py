@@ -2,7 +2,7 @@
 
 The score phase runs `flwr.server.workflow.SecAggPlusWorkflow` (four `train` rounds: setup, share keys,
 collect masked vectors, unmask) on exactly the ledger's active devices. Each device sends one flat vector
-laid out over all tasks of the base model (client.secure.Layout: per-task weighted scores, then per-task
+laid out over all tasks of the base model (protocol.layout.Layout: per-task weighted scores, then per-task
 weights), masked by `secaggplus_mod`; the server unmasks only their sum. From the sum it takes, per task,
 weighted score sum / total weight: the weighted mean of the plain path (`server.aggregate.aggregate(...,
 "weighted-mean")` over per-task normalised reports), up to quantisation.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -42,9 +41,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from client.records import REQUEST, content_nbytes
-from client.secure import LAYOUT_FIELD, Layout
-from server.aggregate import TaskScores
+from cut.fusion import TaskScores
+from protocol.layout import LAYOUT_FIELD, Layout
+from protocol.records import REQUEST, content_nbytes
 from server.ledger import FAILED, Ledger
 from server.planning import BaseModel
 from server.settings import Settings
@@ -52,9 +51,6 @@ from server.settings import Settings
 MODULUS_RANGE = 2**32  # Flower's default mask modulus
 MAX_QUANTIZATION_RANGE = 2**30  # Flower's quantiser rounds into int32
 STAGES = ("setup", "share keys", "masked vectors", "unmask")
-
-_RESULTS: weakref.WeakKeyDictionary[Ledger, TaskScores] = weakref.WeakKeyDictionary()
-
 
 def layout_of(base: BaseModel, settings: Settings) -> Layout:
     """The vector layout of this base model: its tasks in order, each task's groups and sizes."""
@@ -91,7 +87,6 @@ def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
     for node_id in active:
         contents[node_id][REQUEST][LAYOUT_FIELD] = layout.to_json()
     result: TaskScores = {}
-    _RESULTS[ledger] = result
     if len(active) < 2:
         for node_id in active:
             ledger.exclude(node_id, FAILED, "score", "secure aggregation needs at least 2 devices")
@@ -126,11 +121,6 @@ def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
         ledger.records[node_id].bytes_up_scores = metered.uploads.get(node_id, 0)
     result.update(mean)
     return result
-
-
-def secure_scores(ledger: Ledger) -> TaskScores:
-    """The aggregate `secure_aggregate` computed for this ledger (collect_scores -> plan_devices)."""
-    return _RESULTS.get(ledger, {})
 
 
 def weighted_mean(layout: Layout, total: np.ndarray) -> TaskScores:
@@ -226,7 +216,7 @@ class MeteredGrid:
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """client.records.content_nbytes, also for the protocol's config records (Flower's count_bytes fails
+    """protocol.records.content_nbytes, also for the protocol's config records (Flower's count_bytes fails
     on empty strings and empty lists, which SecAgg+ messages hold)."""
     total = 0
     for record in content.values():
@@ -241,4 +231,4 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 __all__ = ["MeteredGrid", "ScoresWorkflow", "SumStrategy", "layout_of", "payload_bytes", "quantization_range", "secure_aggregate",
-           "secure_scores", "shares", "weighted_mean"]
+           "shares", "weighted_mean"]

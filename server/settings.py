@@ -1,84 +1,180 @@
-"""Federation settings: a scenario file (TOML) read into typed, validated dataclasses.
+"""Federation settings: a scenario file (TOML) read into declared, validated models (pydantic v2).
 
-Every section and key is optional (defaults below are the embedded default scenario); an unknown key is
-an error that names it, so a typo never silently runs the default. A scenario is named by a path or by
-the name of a file in simulations/ (`default`, `fleet-1000`).
+Every section and key is optional; the defaults below are the embedded default scenario, and defaults
+that also travel to devices are those of protocol.phases (defined once). An unknown key, a wrong type or
+a value out of range is an error that names the file, the key and what is allowed, so a typo never
+silently runs the default. `scenario_schema()` is the JSON schema (`cutfl simulate --print-schema`).
+
+The `[fleet]` section describes simulated devices; it is declared here (so a typo in it is caught like
+any other) but read by simulations.scenario, which also applies the command line's overrides. The server
+takes finished `Settings`.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from client.device import DataSpec, DeviceClass, FleetSpec
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.phases import Adoption, DataSpec, DeliverConfig, FinetuneConfig, ScoreConfig
 
 AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")
 TRANSPORTS = ("path", "arrays")
+SHIPPED_SCENARIOS = Path(__file__).resolve().parent.parent / "simulations"  # scenario files shipped by name
 
 
-@dataclass(frozen=True)
-class ScoringSettings:
+class Section(BaseModel):
+    """A TOML section: no unknown keys, no silent type conversions (an int is accepted for a float)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ScenarioHead(Section):
+    name: str = ""  # "" = the file's stem
+    devices: int = Field(20, ge=1)
+    seed: int = 0
+    min_devices: int = Field(1, ge=1)
+    max_in_flight: int = Field(256, ge=1, description="messages pushed but not yet answered (bounds server memory)")
+
+
+class ModelSection(Section):
+    base: str = "runs/pretrained-scenes"
+    transport: Literal["path", "arrays"] = ScoreConfig.transport
+
+
+class DataSection(Section):
+    """What data devices score on by default (protocol.phases.DataSpec); a real device's node config overrides."""
+
+    dataset: str = ""
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
+    samples_per_device: int = Field(DataSpec.samples_per_device, ge=2)
+    partition: Literal["iid", "dirichlet"] = DataSpec.partition
+    alpha: float = Field(DataSpec.alpha, gt=0)
+    min_samples: int = Field(DataSpec.min_samples, ge=1)
+    eval_fraction: float = Field(DataSpec.eval_fraction, gt=0, lt=1)
+    seed: int = DataSpec.seed
+
+    def spec(self) -> DataSpec:
+        return DataSpec(**self.model_dump())
+
+
+class ScoringSettings(Section):
     criterion: str = "fisher"
-    num_batches: int = 2
-    batch_size: int = 16
-    dtype: str = "float16"
-    aggregation: str = "weighted-mean"
-    clip_norm: float = 0.0  # device side, per task vector (L2): the DP sensitivity
-    noise_multiplier: float = 0.0  # device side: Gaussian std = noise_multiplier * clip_norm
-    dp_delta: float = 1e-5  # the delta at which the report states the epsilon spent
-    trim_fraction: float = 0.1  # trimmed-mean: share of devices dropped at each end, per coordinate
-    server_clip: float = 0.0  # > 0: server clips each device's vector to server_clip x the median norm
-    secure_aggregation: bool = False  # per-task sums under SecAgg+ (the server never sees one report)
+    num_batches: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    dtype: Literal["float16", "float32"] = ScoreConfig.dtype
+    aggregation: Literal["weighted-mean", "median", "trimmed-mean"] = "weighted-mean"
+    clip_norm: float = Field(0.0, ge=0, description="device side, per task vector (L2): the DP sensitivity")
+    noise_multiplier: float = Field(0.0, ge=0, description="device side: Gaussian std = noise_multiplier * clip_norm")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which the report states the epsilon spent")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed-mean: share dropped at each end")
+    server_clip: float = Field(0.0, ge=0, description="> 0: clip each device's vector to this x the median norm")
+    secure_aggregation: bool = Field(False, description="per-task sums under SecAgg+ (no single report is seen)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoringSettings:
+        if self.noise_multiplier > 0 and self.clip_norm <= 0:
+            raise ValueError("noise_multiplier needs clip_norm > 0 (the sensitivity)")
+        if self.secure_aggregation and (self.aggregation != "weighted-mean" or self.server_clip > 0):
+            raise ValueError(f"secure_aggregation gives the server only sums, so aggregation must be weighted-mean "
+                             f"and server_clip 0 (a robust rule needs the individual reports), got "
+                             f"{self.aggregation!r}, server_clip {self.server_clip:g}")
+        return self
 
 
-@dataclass(frozen=True)
-class PlanningSettings:
-    personalisation: float = 0.0  # alpha: share of the device's own scores in its plan
+class PlanningSettings(Section):
+    personalisation: float = Field(0.0, ge=0, le=1, description="alpha: share of the device's own scores in its plan")
     normalise: str = "global"
-    round_to: int = 8
-    min_channels: int = 8
-    min_fraction: float = 0.25
+    round_to: int = Field(8, ge=1)
+    min_channels: int = Field(8, ge=1)
+    min_fraction: float = Field(0.25, ge=0, le=1)
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    rounds: int = 2
-    steps: int = 24
-    lr: float = 1e-3
-    batch_size: int = 16
-    distill_weight: float = 0.5
+class FinetuneSettings(Section):
+    rounds: int = Field(2, ge=0)
+    steps: int = Field(FinetuneConfig.steps, ge=0)
+    lr: float = Field(FinetuneConfig.lr, gt=0)
+    batch_size: int = Field(FinetuneConfig.batch_size, ge=1)
+    distill_weight: float = Field(FinetuneConfig.distill_weight, ge=0, le=1)
 
 
-@dataclass(frozen=True)
-class EvaluationSettings:
-    batch_size: int = 32
+class EvaluationSettings(Section):
+    batch_size: int = Field(DeliverConfig.batch_size, ge=1)
     oneshot: bool = True
 
 
-@dataclass(frozen=True)
-class DeviceSettings:
-    """What a device does with weights it adopts from the server (deliver, FedAvg results)."""
+class DeviceSettings(Section):
+    """What a device does with weights it adopts from the server (protocol.phases.Adoption)."""
 
-    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on its own samples (no weight change)
-    bn_batches: int = 4
-    bn_batch_size: int = 16
+    recalibrate_bn: bool = Adoption.recalibrate_bn
+    bn_batches: int = Field(Adoption.bn_batches, ge=1)
+    bn_batch_size: int = Field(Adoption.bn_batch_size, ge=1)
+
+    def adoption(self) -> Adoption:
+        return Adoption(**self.model_dump())
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    nodes: float = 120.0
-    profile: float = 300.0
-    score: float = 600.0
-    deliver: float = 600.0
-    finetune: float = 900.0
-    evaluate: float = 600.0
+class Timeouts(Section):
+    nodes: float = Field(120.0, gt=0)
+    profile: float = Field(300.0, gt=0)
+    score: float = Field(600.0, gt=0)
+    deliver: float = Field(600.0, gt=0)
+    finetune: float = Field(900.0, gt=0)
+    evaluate: float = Field(600.0, gt=0)
+
+
+class FleetClass(Section):
+    name: str
+    budget: float = Field(gt=0, le=1)
+    budget_kind: Literal["params", "macs"] = "params"
+    weight: float = Field(1.0, ge=0)
+
+
+class FleetSubset(Section):
+    tasks: list[str] = Field(min_length=1)
+    weight: float = Field(1.0, ge=0)
+
+
+class FleetSection(Section):
+    """Simulated devices (read by simulations.scenario): classes, task subsets, per-device overrides."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["seg", "depth", "normals"], min_length=1)
+    classes: list[FleetClass] = Field(default_factory=list)
+    subsets: list[FleetSubset] = Field(default_factory=list)
+    devices: list[dict[str, Any]] = Field(default_factory=list, description="overrides: {id = partition id, ...}")
+
+
+class ScenarioFile(Section):
+    """A whole scenario file."""
+
+    scenario: ScenarioHead = ScenarioHead()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    scoring: ScoringSettings = ScoringSettings()
+    planning: PlanningSettings = PlanningSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    device: DeviceSettings = DeviceSettings()
+    timeouts: Timeouts = Timeouts()
+    fleet: FleetSection = FleetSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScenarioFile:
+        if self.scoring.secure_aggregation and self.planning.personalisation > 0:
+            raise ValueError("scoring.secure_aggregation needs planning.personalisation 0 (personalisation blends "
+                             "in a device's own scores, which the server never sees)")
+        return self
 
 
 @dataclass(frozen=True)
 class Settings:
+    """What the server runs with: the scenario's sections, resolved paths and the run's options."""
+
     name: str
     devices: int
     seed: int
@@ -86,7 +182,6 @@ class Settings:
     base_model_dir: Path
     transport: str
     out_dir: Path
-    fleet: FleetSpec
     data: DataSpec
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     planning: PlanningSettings = field(default_factory=PlanningSettings)
@@ -94,47 +189,16 @@ class Settings:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    max_in_flight: int = 256  # messages pushed but not yet answered (bounds server memory)
+    max_in_flight: int = 256
     resume: bool = False  # continue from out_dir/state (kept reports, aggregate, plans, weights)
 
-    def validate(self) -> None:
-        if self.devices < 1:
-            raise ValueError(f"scenario {self.name!r}: devices must be >= 1, got {self.devices}")
-        if not 1 <= self.min_devices:
-            raise ValueError(f"scenario {self.name!r}: min_devices must be >= 1")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"scenario {self.name!r}: model.transport must be one of {', '.join(TRANSPORTS)}")
-        if self.scoring.aggregation not in AGGREGATIONS:
-            raise ValueError(f"scenario {self.name!r}: scoring.aggregation must be one of {', '.join(AGGREGATIONS)}")
-        if not 0.0 <= self.scoring.trim_fraction < 0.5:
-            raise ValueError(f"scenario {self.name!r}: scoring.trim_fraction must be in [0, 0.5)")
-        if self.scoring.clip_norm < 0 or self.scoring.noise_multiplier < 0 or self.scoring.server_clip < 0:
-            raise ValueError(f"scenario {self.name!r}: scoring clip_norm, noise_multiplier, server_clip must be >= 0")
-        if self.scoring.noise_multiplier > 0 and self.scoring.clip_norm <= 0:
-            raise ValueError(f"scenario {self.name!r}: scoring.noise_multiplier needs clip_norm > 0 (the sensitivity)")
-        if not 0.0 < self.scoring.dp_delta < 1.0:
-            raise ValueError(f"scenario {self.name!r}: scoring.dp_delta must be in (0, 1)")
-        if self.scoring.dtype not in ("float16", "float32"):
-            raise ValueError(f"scenario {self.name!r}: scoring.dtype must be float16 or float32")
-        if not 0.0 <= self.planning.personalisation <= 1.0:
-            raise ValueError(f"scenario {self.name!r}: planning.personalisation must be in [0, 1]")
-        if self.scoring.secure_aggregation:  # the server holds only sums (server.secagg)
-            if self.scoring.aggregation != "weighted-mean" or self.scoring.server_clip > 0:
-                raise ValueError(f"scenario {self.name!r}: scoring.secure_aggregation gives the server only sums, so "
-                                 f"aggregation must be weighted-mean and server_clip 0 (a robust rule needs the "
-                                 f"individual reports), got {self.scoring.aggregation!r}, "
-                                 f"server_clip {self.scoring.server_clip:g}")
-            if self.planning.personalisation > 0:
-                raise ValueError(f"scenario {self.name!r}: scoring.secure_aggregation needs planning.personalisation "
-                                 f"0 (personalisation blends in a device's own scores, which the server never sees)")
-        if self.finetune.rounds < 0 or self.finetune.steps < 0:
-            raise ValueError(f"scenario {self.name!r}: finetune rounds and steps must be >= 0")
-        if self.data.samples_per_device < 2 or not 0 < self.data.eval_fraction < 1:
-            raise ValueError(f"scenario {self.name!r}: data.samples_per_device >= 2 and 0 < eval_fraction < 1 needed")
-
-
-_SECTIONS = {"scenario", "model", "data", "scoring", "planning", "finetune", "evaluation", "device", "timeouts",
-             "fleet"}
+    def with_scoring(self, **changes: Any) -> Settings:
+        """These [scoring] keys replaced, validated like the file's."""
+        try:
+            scoring = ScoringSettings.model_validate({**self.scoring.model_dump(), **changes})
+        except pydantic.ValidationError as e:
+            raise ValueError(f"scenario {self.name!r}: {describe(e, 'scoring')}") from None
+        return dataclasses.replace(self, scoring=scoring)
 
 
 def scenario_path(name_or_path: str | Path) -> Path:
@@ -142,139 +206,75 @@ def scenario_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = Path(__file__).resolve().parent.parent / "simulations" / f"{name_or_path}.toml"
+    shipped = SHIPPED_SCENARIOS / f"{name_or_path}.toml"
     if shipped.is_file():
         return shipped
-    known = sorted(p.stem for p in shipped.parent.glob("*.toml"))
+    known = sorted(p.stem for p in SHIPPED_SCENARIOS.glob("*.toml"))
     raise ValueError(f"unknown scenario {str(name_or_path)!r}: not a file, and not one of {', '.join(known)}")
 
 
-def _take(section: dict[str, Any], cls: type, where: str) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = set(section) - names
-    if unknown:
-        raise ValueError(f"scenario [{where}]: unknown key(s) {', '.join(sorted(unknown))}")
-    typed = {}
-    for f in fields(cls):
-        if f.name in section:
-            value = section[f.name]
-            default = f.default
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ValueError(f"scenario [{where}] {f.name}: expected true/false, got {value!r}")
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            typed[f.name] = value
-    return cls(**typed)
-
-
-def _fleet(section: dict[str, Any], data: DataSpec, seed: int) -> FleetSpec:
-    unknown = set(section) - {"tasks", "classes", "subsets", "devices"}
-    if unknown:
-        raise ValueError(f"scenario [fleet]: unknown key(s) {', '.join(sorted(unknown))}")
-    classes = tuple(_take(c, DeviceClass, "fleet.classes") for c in section.get("classes", [])) or (
-        DeviceClass("micro", 0.3), DeviceClass("mobile", 0.5), DeviceClass("edge-gpu", 0.7))
-    subsets = []
-    for s in section.get("subsets", []):
-        if set(s) - {"tasks", "weight"}:
-            raise ValueError(f"scenario [fleet.subsets]: unknown key(s) {sorted(set(s) - {'tasks', 'weight'})}")
-        subsets.append((tuple(s["tasks"]), float(s.get("weight", 1.0))))
-    overrides = {}
-    for d in section.get("devices", []):
-        if "id" not in d:
-            raise ValueError("scenario [[fleet.devices]]: every entry needs an id (partition id)")
-        overrides[int(d["id"])] = {k: v for k, v in d.items() if k != "id"}
-    return FleetSpec(tasks=tuple(section.get("tasks", ("seg", "depth", "normals"))), classes=classes,
-                     subsets=tuple(subsets), overrides=overrides, data=data, seed=seed)
-
-
-def load_settings(
-    scenario: str | Path = "default",
-    *,
-    devices: int | None = None,
-    out_dir: str | Path | None = None,
-    base_model_dir: str | Path | None = None,
-    clip_norm: float | None = None,
-    noise_multiplier: float | None = None,
-    epsilon: float | None = None,
-    aggregation: str | None = None,
-    trim_fraction: float | None = None,
-    server_clip: float | None = None,
-) -> Settings:
-    """Read a scenario (path or shipped name) and apply command-line overrides.
-
-    The [scoring] overrides replace the scenario's keys. `epsilon` (instead of `noise_multiplier`) picks
-    the smallest noise multiplier whose reports spend at most epsilon at scoring.dp_delta for a device
-    holding the most tasks the fleet allows (server.privacy), given the clip norm.
-    """
-    path = scenario_path(scenario)
+def read_scenario(name_or_path: str | Path) -> tuple[Path, ScenarioFile]:
+    """The scenario file, parsed and validated; errors name the file and the key."""
+    path = scenario_path(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"scenario {path}: not valid TOML ({e})") from None
-    unknown = set(raw) - _SECTIONS
-    if unknown:
-        raise ValueError(f"scenario {path}: unknown section(s) {', '.join(sorted(unknown))}")
-    head = dict(raw.get("scenario", {}))
-    extra = set(head) - {"name", "devices", "seed", "min_devices", "max_in_flight"}
-    if extra:
-        raise ValueError(f"scenario [scenario]: unknown key(s) {', '.join(sorted(extra))}")
-    model = dict(raw.get("model", {}))
-    if set(model) - {"base", "transport"}:
-        raise ValueError(f"scenario [model]: unknown key(s) {', '.join(sorted(set(model) - {'base', 'transport'}))}")
-    seed = int(head.get("seed", 0))
-    data = _take(raw.get("data", {}), DataSpec, "data")
-    fleet = _fleet(raw.get("fleet", {}), data, seed)
-    name = str(head.get("name", path.stem))
-    scoring = _scoring(raw.get("scoring", {}), fleet, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                       epsilon=epsilon, aggregation=aggregation, trim_fraction=trim_fraction,
-                       server_clip=server_clip)
-    settings = Settings(
-        name=name,
-        devices=int(devices if devices is not None else head.get("devices", 20)),
-        seed=seed,
-        min_devices=int(head.get("min_devices", 1)),
-        max_in_flight=int(head.get("max_in_flight", 256)),
-        base_model_dir=Path(base_model_dir or model.get("base", "runs/pretrained-scenes")),
-        transport=str(model.get("transport", "path")),
+    try:
+        return path, ScenarioFile.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ValueError(f"scenario {path}: {describe(e)}") from None
+
+
+def describe(error: pydantic.ValidationError, section: str = "") -> str:
+    """A pydantic error as one line: '[section] key: what is wrong' for each problem."""
+    parts = []
+    for problem in error.errors():
+        loc = ([section] if section else []) + [str(x) for x in problem["loc"]]
+        where = f"[{loc[0]}] {'.'.join(loc[1:])}".strip() if loc else "scenario"
+        message = problem["msg"].replace("Extra inputs are not permitted", "unknown key").removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def settings_from(path: Path, parsed: ScenarioFile, *, devices: int | None = None, out_dir: str | Path | None = None,
+                  base_model_dir: str | Path | None = None) -> Settings:
+    """Settings from a parsed scenario file and the run's overrides."""
+    head = parsed.scenario
+    return Settings(
+        name=head.name or path.stem,
+        devices=int(devices if devices is not None else head.devices),
+        seed=head.seed,
+        min_devices=head.min_devices,
+        max_in_flight=head.max_in_flight,
+        base_model_dir=Path(base_model_dir or parsed.model.base),
+        transport=parsed.model.transport,
         out_dir=Path(out_dir or Path("runs") / "simulate"),
-        fleet=fleet,
-        data=data,
-        scoring=scoring,
-        planning=_take(raw.get("planning", {}), PlanningSettings, "planning"),
-        finetune=_take(raw.get("finetune", {}), FinetuneSettings, "finetune"),
-        evaluation=_take(raw.get("evaluation", {}), EvaluationSettings, "evaluation"),
-        device=_take(raw.get("device", {}), DeviceSettings, "device"),
-        timeouts=_take(raw.get("timeouts", {}), Timeouts, "timeouts"),
+        data=parsed.data.spec(),
+        scoring=parsed.scoring,
+        planning=parsed.planning,
+        finetune=parsed.finetune,
+        evaluation=parsed.evaluation,
+        device=parsed.device,
+        timeouts=parsed.timeouts,
     )
-    settings.validate()
-    return settings
 
 
-def _scoring(section: dict[str, Any], fleet: FleetSpec, epsilon: float | None = None,
-             **overrides: Any) -> ScoringSettings:
-    """[scoring] with command-line overrides; a target epsilon becomes a noise multiplier."""
-    scoring = _take(section, ScoringSettings, "scoring")
-    changes = {k: (float(v) if k != "aggregation" else v) for k, v in overrides.items() if v is not None}
-    scoring = replace(scoring, **changes)
-    if epsilon is None:
-        return scoring
-    from server.privacy import fleet_max_tasks, noise_for_epsilon
-
-    if overrides.get("noise_multiplier") is not None:
-        raise ValueError("give a noise multiplier or a target epsilon, not both")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"target epsilon must be a finite number > 0, got {epsilon!r}")
-    if scoring.clip_norm <= 0:
-        raise ValueError("a target epsilon needs scoring.clip_norm > 0 (the sensitivity the noise is scaled to)")
-    if not 0.0 < scoring.dp_delta < 1.0:
-        raise ValueError("scoring.dp_delta must be in (0, 1)")
-    return replace(scoring, noise_multiplier=noise_for_epsilon(float(epsilon), fleet_max_tasks(fleet),
-                                                               scoring.dp_delta))
+def load_settings(scenario: str | Path = "default", *, devices: int | None = None, out_dir: str | Path | None = None,
+                  base_model_dir: str | Path | None = None) -> Settings:
+    """The server's settings of a scenario (path or shipped name), with the run's overrides."""
+    path, parsed = read_scenario(scenario)
+    if devices is not None and devices < 1:
+        raise ValueError(f"scenario {path}: devices must be >= 1, got {devices}")
+    return settings_from(path, parsed, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir)
 
 
 def from_run_config(run_config: dict[str, Any]) -> Settings:
     """Settings for `flwr run`: `scenario`, and optionally `devices`, `out-dir`, `base-model`, `resume`."""
-    devices = int(run_config.get("devices", 0) or 0) or None
+    try:
+        devices = int(run_config.get("devices", 0) or 0) or None
+    except (TypeError, ValueError):
+        raise ValueError(f"run config devices: expected an integer, got {run_config.get('devices')!r}") from None
     settings = load_settings(
         str(run_config.get("scenario", "") or "default"),
         devices=devices,
@@ -284,36 +284,49 @@ def from_run_config(run_config: dict[str, Any]) -> Settings:
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ValueError(f"run config resume: expected true or false, got {resume!r}")
-    return replace(settings, resume=resume)
+    return dataclasses.replace(settings, resume=resume)
 
 
 def resolve(settings: Settings, card: dict[str, Any]) -> Settings:
     """Settings completed from the base model's card: devices' data built like the base model's (dataset,
     image size...) with the scenario's data seed (so device data is not the pre-training data) and its own
-    dataset kwargs on top; simulated devices keep their models under out_dir/store."""
-    dataset = settings.data.dataset or str(card.get("dataset", ""))
+    dataset kwargs on top. Resolving twice changes nothing."""
+    return dataclasses.replace(settings, data=data_for_model(settings.data, card, settings.name))
+
+
+def data_for_model(data: DataSpec, card: dict[str, Any], scenario: str = "") -> DataSpec:
+    dataset = data.dataset or str(card.get("dataset", ""))
     if not dataset:
-        raise ValueError(f"scenario {settings.name!r}: [data] dataset is not set and the base model card names none")
+        raise ValueError(f"scenario {scenario!r}: [data] dataset is not set and the base model card names none")
     kwargs = {k: v for k, v in card.get("dataset_kwargs", {}).items() if k != "num_samples"}
     if dataset != card.get("dataset"):
         kwargs = {}
     if "seed" in kwargs:
-        kwargs["seed"] = settings.data.seed
-    data = replace(settings.data, dataset=dataset, dataset_kwargs={**kwargs, **settings.data.dataset_kwargs})
-    store_root = settings.fleet.store_root or str((settings.out_dir / "store").resolve())
-    return replace(settings, data=data, fleet=replace(settings.fleet, data=data, store_root=store_root))
+        kwargs["seed"] = data.seed
+    return dataclasses.replace(data, dataset=dataset, dataset_kwargs={**kwargs, **data.dataset_kwargs})
+
+
+def scenario_schema() -> dict[str, Any]:
+    """The JSON schema of a scenario file."""
+    return ScenarioFile.model_json_schema()
 
 
 __all__ = [
+    "AGGREGATIONS",
     "DeviceSettings",
     "EvaluationSettings",
     "FinetuneSettings",
     "PlanningSettings",
+    "ScenarioFile",
     "ScoringSettings",
     "Settings",
     "Timeouts",
+    "data_for_model",
     "from_run_config",
     "load_settings",
-    "scenario_path",
+    "read_scenario",
     "resolve",
+    "scenario_path",
+    "scenario_schema",
+    "settings_from",
 ]

@@ -1,8 +1,9 @@
 """Run a scenario on Flower's simulation engine, in this process, and return its report summary.
 
 The ServerApp runs in a thread of this process with its settings bound directly (`run_simulation` leaves
-the run config empty); each simulated device is a ClientApp call inside a Ray actor (one per CPU core).
-Devices learn who they are from the fleet description the server sends with the profile query.
+the run config empty); each simulated device is a ClientApp call inside a Ray actor (one per CPU core),
+built with the scenario's fleet bound in (simulations.app): devices know who they are from it, and the
+server never sends it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.settings import Settings, load_settings
+from cut.checkpoint import read_card
+from server.settings import Settings
+from simulations.scenario import load_scenario, resolve
 
 
 def ensure_base_model(settings: Settings, may_pretrain: bool = True) -> Path:
-    """The scenario's base model directory, pre-trained with `cutfl pretrain` when it is missing (only for
+    """The scenario's base model directory, pre-trained (cut.train.pretrain_model) when it is missing (only for
     the scenario's own path: a mistyped --base-model should not start a pre-training)."""
     directory = settings.base_model_dir
     if (directory / "model.json").is_file():
@@ -30,13 +33,9 @@ def ensure_base_model(settings: Settings, may_pretrain: bool = True) -> Path:
     dataset = settings.data.dataset or "scenes"
     print(f"cutfl simulate: no base model in {directory}; pre-training one on {dataset} (a few minutes, once)",
           file=sys.stderr)
-    from cut.cli import main as cutfl
+    from cut.train import pretrain_model
 
-    args = ["pretrain", "--dataset", dataset, "--out", str(directory)]
-    if os.environ.get("CUTFL_NO_PROGRESS") == "1":
-        args.append("--quiet")
-    if cutfl(args) != 0:
-        raise ValueError(f"pre-training the base model into {directory} failed")
+    pretrain_model(dataset, directory, progress=os.environ.get("CUTFL_NO_PROGRESS") != "1")
     return directory
 
 
@@ -60,23 +59,24 @@ def run_scenario(
     """Run one scenario end to end; returns the report summary (also in OUT/report.json).
 
     `resume`: continue from the state a stopped run left in OUT/state (see server.rundir). `scoring`:
-    [scoring] overrides, keyword arguments of server.settings.load_settings (clip_norm, epsilon, ...)."""
-    settings = load_settings(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir,
+    [scoring] overrides, keyword arguments of simulations.scenario.load_scenario (clip_norm, epsilon, ...)."""
+    scenario = load_scenario(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir,
                              **(scoring or {}))
-    settings = replace(settings, resume=resume)
-    ensure_base_model(settings, may_pretrain=base_model_dir is None)
+    ensure_base_model(scenario.settings, may_pretrain=base_model_dir is None)
+    scenario = resolve(scenario, read_card(scenario.settings.base_model_dir))
+    settings = replace(scenario.settings, resume=resume)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)
 
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.app import make_server_app
+    from simulations.app import make_simulated_client_app
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=settings.devices,
+    run_simulation(server_app=make_server_app(settings), client_app=make_simulated_client_app(scenario.fleet), num_supernodes=settings.devices,
                    backend_config=backend_config(num_cpus))
     wall = time.perf_counter() - start
     report_path = out / "report.json"

@@ -11,7 +11,7 @@ ENV = {**os.environ, "CUTFL_NO_PROGRESS": "1"}
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cut.cli", *args], capture_output=True, text=True, env=ENV,
+    return subprocess.run([sys.executable, "-m", "cutfl", *args], capture_output=True, text=True, env=ENV,
                           cwd=cwd, timeout=300)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import skip_unless_installed
 from PIL import Image
 
 from cut.data import DATASETS, multifashion
@@ -122,8 +123,8 @@ def test_multifashion_rejects_bad_input(tmp_path):
 REAL_FASHION = multifashion.DEFAULT_DIR / "t10k-images-idx3-ubyte.gz"
 
 
-@pytest.mark.skipif(not REAL_FASHION.is_file(), reason="no Fashion-MNIST installed")
 def test_multifashion_real_files():
+    skip_unless_installed(REAL_FASHION.is_file(), "Fashion-MNIST (dataset-fashion-mnist)")
     ds = MultiFashion("test", num_samples=200, seed=0)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     assert images.shape == (200, 1, 36, 36)

@@ -95,7 +95,7 @@ def _verified_model(store_dir: Path):
 
 def cutfl_run(fed, *args: str) -> subprocess.CompletedProcess:
     """`cutfl run CONN ...` as a user runs it (a separate process, the federation's FLWR_HOME)."""
-    return subprocess.run([sys.executable, "-m", "cut.cli", "run", fed.connection, "--poll", "2", "--timeout", "480",
+    return subprocess.run([sys.executable, "-m", "cutfl", "run", fed.connection, "--poll", "2", "--timeout", "480",
                            *args], capture_output=True, text=True, env=fed.env, cwd=REPO, timeout=600)
 
 
@@ -324,7 +324,7 @@ def _fake_flwr(monkeypatch, final_status: str) -> list[list[str]]:
 
 
 def test_cutfl_run_exits_non_zero_with_one_line_when_the_run_failed(monkeypatch, capsys, tmp_path):
-    from cut.cli import main
+    from cutfl.cli import main
 
     calls = _fake_flwr(monkeypatch, "finished:failed")
     code = main(["run", "lab", "--scenario", str(tmp_path / "s.toml"), "--poll", "0.01"])
@@ -337,7 +337,7 @@ def test_cutfl_run_exits_non_zero_with_one_line_when_the_run_failed(monkeypatch,
 
 
 def test_cutfl_run_exits_zero_only_when_completed(monkeypatch, capsys):
-    from cut.cli import main
+    from cutfl.cli import main
 
     _fake_flwr(monkeypatch, "finished:completed")
     assert main(["run", "lab", "--poll", "0.01"]) == 0
@@ -345,7 +345,7 @@ def test_cutfl_run_exits_zero_only_when_completed(monkeypatch, capsys):
 
 
 def test_cutfl_run_times_out_and_stops_the_run(monkeypatch, capsys):
-    from cut.cli import main
+    from cutfl.cli import main
 
     calls = _fake_flwr(monkeypatch, "running")
     assert main(["run", "lab", "--poll", "0.01", "--timeout", "0.05"]) == 1
@@ -372,7 +372,7 @@ def test_status_polling_retries_then_gives_up(monkeypatch):
 
 
 def test_cutfl_certs_writes_files(tmp_path, capsys):
-    from cut.cli import main
+    from cutfl.cli import main
 
     assert main(["certs", "--host", "127.0.0.1", "--out", str(tmp_path / "c"), "--nodes", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -383,7 +383,7 @@ def test_cutfl_certs_writes_files(tmp_path, capsys):
 def test_cutfl_connect_writes_the_connection(tmp_path, monkeypatch, capsys):
     import tomllib
 
-    from cut.cli import main
+    from cutfl.cli import main
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert main(["connect", "dev", "--address", "127.0.0.1:9093", "--insecure", "--default"]) == 0

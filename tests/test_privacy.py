@@ -17,7 +17,6 @@ from server import privacy
 from server.privacy import (
     analytic_delta,
     analytic_epsilon,
-    fleet_max_tasks,
     gaussian_rdp,
     local_epsilon,
     noise_for_epsilon,
@@ -27,6 +26,7 @@ from server.privacy import (
     sigma_of,
 )
 from server.settings import load_settings
+from simulations.scenario import fleet_max_tasks, load_scenario
 
 # ---------------------------------------------------------------------------------------- accountant
 
@@ -124,8 +124,7 @@ def test_the_device_path_is_non_negative_before_clipping():
 
 
 def test_fleet_max_tasks_covers_subsets_and_overrides():
-    settings = load_settings("default")
-    assert fleet_max_tasks(settings.fleet) == 3
+    assert fleet_max_tasks(load_scenario("default").fleet) == 3
     one = SimpleNamespace(tasks=("seg", "depth"), overrides={}, all_subsets=lambda: ((("seg",), 1.0),))
     assert fleet_max_tasks(one) == 1
     one.overrides = {4: {"tasks": ["seg", "depth"]}}
@@ -162,7 +161,7 @@ def test_report_summary_and_markdown_carry_the_privacy_fields():
     base = SimpleNamespace(card={"weights_bytes": 1}, directory="base", model_id="m", sha256="s")
     book = SimpleNamespace(builds={})
     entries = [_entry(["seg"]), _entry(["seg", "depth", "normals"]), _entry([], status="rejected")]
-    noisy = load_settings("default", clip_norm=5.0, epsilon=2.0, aggregation="trimmed-mean", server_clip=1.5)
+    noisy = load_scenario("default", clip_norm=5.0, epsilon=2.0, aggregation="trimmed-mean", server_clip=1.5).settings
     for e in entries:
         e["dp_epsilon"] = report.device_epsilon(noisy, len(e["tasks"]))
     assert entries[1]["dp_epsilon"] == pytest.approx(2.0, rel=1e-6) and entries[0]["dp_epsilon"] < 2.0
@@ -197,7 +196,7 @@ def test_report_summary_and_markdown_carry_the_privacy_fields():
     (["--epsilon", "2"], "needs scoring.clip_norm > 0"),
 ])
 def test_simulate_flags_fail_with_one_readable_line(args, fragment, capsys):
-    from cut.cli import main
+    from cutfl.cli import main
 
     try:
         code = main(["simulate", *args])
@@ -210,16 +209,16 @@ def test_simulate_flags_fail_with_one_readable_line(args, fragment, capsys):
 
 def test_simulate_flags_reach_the_settings(monkeypatch, capsys):
     import simulations.runner
-    from cut.cli import main
+    from cutfl import simulate_command as cli
+    from cutfl.cli import main
     from server.settings import AGGREGATIONS
-    from simulations import cli
 
     assert cli.AGGREGATIONS == AGGREGATIONS
     seen = {}
 
     def fake_run(scenario, **kwargs):
         seen.update(kwargs)
-        settings = load_settings(scenario, **kwargs["scoring"])
+        settings = load_scenario(scenario, **kwargs["scoring"]).settings
         seen["settings"] = settings
         return {"scenario": "default", "status": "ok", "devices_ok": 1, "devices_rejected": 0, "devices_failed": 0,
                 "distinct_plans": 1, "all_within_budget": True, "seconds_total": 0.0, "delta_m": None,

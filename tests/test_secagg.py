@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from test_federation import scenario_file, tiny_model_dir
 
-from client.secure import Layout
 from cut.messages import ValidationError
+from protocol.layout import Layout
 from server.aggregate import aggregate, normalised
 from server.settings import load_settings
 
@@ -88,20 +88,21 @@ def plain_reports(secure_run):
     """device id -> (scores, weights): each good device's plain-mode report, computed here as it would
     compute it (client.scoring on its data, its decomposed base model, the server's request and seed)."""
     from client.data import local_data
-    from client.device import device_from_node_config
     from client.scoring import local_scores, privatise
     from client.scoring import normalised as mean_one
     from cut.messages import PrivacySettings, ScoringRequest
     from server.planning import BaseModel
-    from server.settings import resolve
+    from simulations.fleet import assign
+    from simulations.scenario import load_scenario, resolve
 
-    settings = load_settings(secure_run["path"], out_dir=secure_run["out"])
-    base = BaseModel.load(settings.base_model_dir)
-    settings = resolve(settings, base.card)
+    scenario = load_scenario(secure_run["path"], out_dir=secure_run["out"])
+    base = BaseModel.load(scenario.settings.base_model_dir)
+    scenario = resolve(scenario, base.card)
+    settings = scenario.settings
     s = settings.scoring
     reports = {}
     for pid in range(len(DEVICES)):
-        device = device_from_node_config({"partition-id": pid, "num-partitions": len(DEVICES)}, settings.fleet)
+        device = assign(scenario.fleet, pid, len(DEVICES))
         if device.device_id not in GOOD:
             continue
         tasks = base.canonical(device.tasks)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from client import store
-from client.device import DataSpec, DeviceClass, FleetSpec, device_from_node_config
-from client.records import state_arrays
+from client.device import device_from_node_config
 from cut.compact import compact_model
 from cut.data.scenes import scene_tasks
 from cut.groups import analyse
@@ -18,6 +17,7 @@ from cut.messages import CompactModelSpec, ValidationError
 from cut.models import ModelConfig, build_model
 from cut.plan import PruningPlan
 from cut.wire import arrays_sha256, encode_spec
+from protocol.records import state_arrays
 
 BASE_SHA = "a" * 64
 
@@ -127,10 +127,20 @@ def test_a_damaged_active_model_is_detected(tmp_path):
 
 
 def test_node_config_chooses_the_store(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from protocol.phases import DataSpec
+    from simulations.app import FleetIdentity
+    from simulations.fleet import DeviceClass, FleetSpec
+
     fleet = FleetSpec(tasks=("seg",), classes=(DeviceClass("micro", 0.3),), data=DataSpec(),
                       store_root=str(tmp_path / "shared"))
-    simulated = device_from_node_config({"partition-id": 3, "num-partitions": 10}, fleet)
+    context = Context(run_id=0, node_id=1, node_config={"partition-id": 3, "num-partitions": 10}, state=RecordDict(),
+                      run_config={})
+    simulated = FleetIdentity(fleet)(context, None)
     assert simulated.store_shared and simulated.store_root == str(tmp_path / "shared")
+    with pytest.raises(ValueError, match="names no tasks"):  # a real device is never assigned by a fleet
+        device_from_node_config({"partition-id": 3, "num-partitions": 10}, DataSpec())
     own = device_from_node_config({"tasks": "seg", "store-dir": str(tmp_path / "mine"), "store-keep": 5}, None)
     assert not own.store_shared and own.store_keep == 5 and own.store_root == str(tmp_path / "mine")
     with pytest.raises(ValueError, match="store-keep"):

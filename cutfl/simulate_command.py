@@ -2,7 +2,8 @@
 
 Privacy and robustness flags override the scenario's [scoring] keys: `--clip-norm`, `--noise-multiplier`
 or `--epsilon` (a target epsilon at scoring.dp_delta; the noise multiplier is derived by server.privacy for
-the device holding the most tasks), `--aggregation`, `--trim-fraction`, `--server-clip`.
+the device holding the most tasks), `--aggregation`, `--trim-fraction`, `--server-clip`. `--print-schema`
+prints the scenario file's JSON schema (server.settings).
 
 Registration only imports argparse; the runner (and with it Flower and Ray) is imported when the command
 runs, so `import cut` and `cutfl --help` stay fast and Flower-free.
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from cut.cli_args import float_in, int_at_least
+from cutfl.args import float_in, int_at_least
 
 AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")  # server.settings.AGGREGATIONS (not imported: fast)
 SCORING_FLAGS = ("clip_norm", "noise_multiplier", "epsilon", "aggregation", "trim_fraction", "server_clip")
@@ -37,6 +38,8 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path,
                    help="pre-trained model directory (default: the scenario's; pre-trained when missing)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--print-schema", action="store_true",
+                   help="print the JSON schema of a scenario file (every section, key, type and default) and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue the federation kept in OUT/state (devices that reported do not score again)")
     dp = p.add_argument_group("privacy of the scores (device side; see docs/FEDERATION.md)")
@@ -61,6 +64,11 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import os
 
+    if args.print_schema:
+        from server.settings import scenario_schema
+
+        print(json.dumps(scenario_schema(), indent=2))
+        return 0
     if args.quiet:
         os.environ["CUTFL_NO_PROGRESS"] = "1"
     from simulations.runner import run_scenario

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from cutfl.args import parse_budget
+
 
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -45,18 +47,15 @@ def _load_base(model_dir: Path, dataset: str | None):
     from cut.checkpoint import load_model
 
     if not model_dir.exists() and dataset and model_dir == Path("runs") / f"pretrained-{dataset}":
-        from cut.cli import main as cli_main
+        from cut.train import pretrain_model
 
         print(f"no model at {model_dir}: pre-training one (cutfl pretrain --dataset {dataset})", file=sys.stderr)
-        if cli_main(["pretrain", "--dataset", dataset, "--out", str(model_dir)]) != 0:
-            raise ValueError(f"pre-training {dataset} failed")
+        pretrain_model(dataset, model_dir)
     return load_model(model_dir)
 
 
-def _loaders(card: dict, dataset: str, train_samples: int, test_samples: int, batch_size: int, seed: int,
-             data_dir: str | None):
+def _datasets(card: dict, dataset: str, train_samples: int, test_samples: int, data_dir: str | None):
     from cut.data import get_dataset
-    from cut.train import make_loader
 
     same = dataset == card.get("dataset")
     train_kwargs = dict(card.get("dataset_kwargs", {})) if same else {}
@@ -65,14 +64,19 @@ def _loaders(card: dict, dataset: str, train_samples: int, test_samples: int, ba
         train_kwargs["data_dir"] = test_kwargs["data_dir"] = data_dir
     train_kwargs["num_samples"] = train_samples
     test_kwargs["num_samples"] = test_samples
-    train = get_dataset(dataset, "train", **train_kwargs)
-    test = get_dataset(dataset, "test", **test_kwargs)
-    return make_loader(train, batch_size, shuffle=True, seed=seed), make_loader(test, 64)
+    return get_dataset(dataset, "train", **train_kwargs), get_dataset(dataset, "test", **test_kwargs)
+
+
+def _recovery(args: argparse.Namespace):
+    from cut.pipeline import RecoveryConfig
+
+    lr = {"lr": args.recovery_lr} if args.recovery_lr is not None else {}
+    return RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size or args.batch_size, **lr)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from cut.checkpoint import save_model
-    from cut.pipeline import prune
+    from cut.pipeline import Samples, prune, seed_data
     from cut.tasks import parse_task_list
 
     base, card = _load_base(args.model, None)
@@ -80,14 +84,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     dataset = args.dataset or card.get("dataset")
     if not dataset:
         raise ValueError(f"{args.model}: the card names no dataset; pass --dataset")
-    train_loader, test_loader = _loaders(card, dataset, args.train_samples, args.test_samples, args.batch_size,
-                                         args.seed, args.data_dir)
+    train_set, test_set = _datasets(card, dataset, args.train_samples, args.test_samples, args.data_dir)
+    recovery = _recovery(args)
+    # The same data as `cutfl bench` draws for this seed: a run here reproduces the bench's cell.
+    data = seed_data(Samples.from_dataset(train_set), args.seed, args.batch_size, args.num_batches, recovery)
+    test_batches = Samples.from_dataset(test_set).batches(64)
     kind, value = args.budget
     compact, plan, report = prune(
         base, tasks, kind, value, method=args.method, criterion=args.criterion, fusion=args.fusion,
-        train_loader=train_loader, test_loader=test_loader, num_batches=args.num_batches,
-        finetune_steps=args.finetune_steps, seed=args.seed, base_sha256=card["weights_sha256"],
-        progress=not args.quiet,
+        test_loader=test_batches, seed=args.seed, base_sha256=card["weights_sha256"], recovery=recovery,
+        scoring_batches=data.scoring, recovery_batches=data.recovery, progress=not args.quiet,
     )
     out: Path = args.out
     save_model(out, compact, {
@@ -98,7 +104,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     (out / "plan.json").write_text(plan.to_json())
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     summary = {k: report.get(k) for k in ("tasks", "method", "budget", "params", "macs", "bytes", "params_ratio",
-                                          "macs_ratio", "params_ratio_full", "macs_ratio_full", "delta_m")}
+                                          "macs_ratio", "params_ratio_full", "macs_ratio_full", "delta_m",
+                                          "delta_m_before_recovery")}
+    summary["recovery"] = report["recovery"]["budget"]
     summary["seconds_prune"] = report["seconds"].get("prune_total")
     summary["out"] = str(out)
     print(json.dumps(summary, indent=2))
@@ -106,28 +114,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cut.bench import run_bench
+    from cut.bench import expand_methods, run_bench
     from cut.tasks import parse_task_list
 
     model_dir = args.model or Path("runs") / f"pretrained-{args.dataset}"
     base, card = _load_base(model_dir, args.dataset)
     tasks = parse_task_list(args.tasks, list(base.config.tasks)) if args.tasks else base.task_names[:2]
-    from cut.methods import METHODS
-
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {','.join(unknown)}; known: {','.join(METHODS)}")
+    methods = expand_methods(args.methods)  # ValueError naming the known methods for an unknown one
     same = args.dataset == card.get("dataset")
     kwargs = {k: v for k, v in (card.get("dataset_kwargs", {}) if same else {}).items() if k != "num_samples"}
     if args.data_dir:
         kwargs["data_dir"] = args.data_dir
     run_bench(
-        base, args.dataset, tasks, budgets=args.budgets, methods=args.methods, seeds=args.seeds,
-        finetune_steps=args.finetune_steps, out_dir=args.out, structured=not args.unstructured,
+        base, args.dataset, tasks, budgets=args.budgets, methods=methods, seeds=args.seeds,
+        finetune_steps=args.recovery_steps, out_dir=args.out, structured=not args.unstructured,
         sparsity=args.budgets if args.unstructured else None, budget_kind=args.budget_kind,
         dataset_kwargs=kwargs, train_samples=args.train_samples, test_samples=args.test_samples,
-        num_batches=args.num_batches, criterion=args.criterion, fusion=args.fusion, progress=not args.quiet,
-        base_sha256=card["weights_sha256"],
+        batch_size=args.batch_size, num_batches=args.num_batches, criterion=args.criterion, fusion=args.fusion,
+        recovery=_recovery(args), progress=not args.quiet, base_sha256=card["weights_sha256"],
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/delta_m_vs_budget.png",
@@ -135,15 +139,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub, parser_class) -> None:
-    from cut.cli import parse_budget
-
+def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--criterion", help="importance criterion (taylor, fisher, act-grad, magnitude, random; "
                                            "default: the method's)")
         p.add_argument("--fusion", help="fusion rule for shared groups (max, mean, weighted, union; default: the method's)")
         p.add_argument("--num-batches", type=int, default=4, help="batches of data used for scoring")
-        p.add_argument("--finetune-steps", type=int, default=0, help="distillation fine-tune steps after pruning (0: none)")
+        p.add_argument("--batch-size", type=int, default=32, help="batch size for scoring (and recovery by default)")
+        p.add_argument("--recovery-steps", "--finetune-steps", dest="recovery_steps", type=int, default=0,
+                       help="recovery steps after pruning, the same for every method: task losses + distillation "
+                            "from the dense model (0: none; --finetune-steps is an alias)")
+        p.add_argument("--recovery-batch-size", type=int, help="recovery batch size (default: --batch-size)")
+        p.add_argument("--recovery-lr", type=float, help="recovery peak learning rate (AdamW, warm-up + cosine; "
+                                                         "default: cut.recovery's)")
         p.add_argument("--train-samples", type=int, default=512, help="training samples available for scoring/fine-tune")
         p.add_argument("--test-samples", type=int, default=256, help="test samples to evaluate on")
         p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
@@ -154,9 +162,9 @@ def add_commands(sub, parser_class) -> None:
     p.add_argument("--tasks", required=True, help="comma-separated tasks to keep, e.g. seg,depth")
     p.add_argument("--budget", type=parse_budget, default=("params", 0.5),
                    help="what may remain of the decomposed model: params=F or macs=F with F in (0, 1]")
-    p.add_argument("--method", default="cut", help="cut, disparse, snip, magnitude, random or taylor-tp")
+    p.add_argument("--method", default="cut", help="cut, a baseline (random, l1, snip, disparse, tp), an ablation "
+                                                   "(cut-...) or a Torch-Pruning grid point (tp-...)")
     p.add_argument("--dataset", help="dataset for scoring and evaluation (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for scoring and fine-tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and random choices")
     p.add_argument("--out", type=Path, required=True, help="directory for the compact model and report.json")
     common(p)
@@ -170,8 +178,8 @@ def add_commands(sub, parser_class) -> None:
                    help="fractions that may remain, e.g. 0.3,0.5,0.7 (sparsities with --unstructured: kept fraction "
                         "is 1 - value)")
     p.add_argument("--budget-kind", choices=["params", "macs"], default="params", help="what the budget counts")
-    p.add_argument("--methods", type=_csv, default=["random", "magnitude", "snip", "disparse", "taylor-tp", "cut"],
-                   help="comma-separated methods")
+    p.add_argument("--methods", type=_csv, default=["random", "l1", "snip", "disparse", "tp", "cut"],
+                   help="comma-separated methods (tp-grid: every Torch-Pruning grid point)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="number of seeds (N -> 0..N-1) or a list")
     p.add_argument("--unstructured", action="store_true", help="per-weight masks; --budgets are then sparsities")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")

@@ -1,7 +1,6 @@
 """Flower records <-> the wire bytes of cut.wire and plain numpy dicts: the one Flower-facing codec.
 
-Both sides use it (the server imports it from here), so the record names and the way arrays travel are
-defined once. cut/wire.py stays Flower-free: it speaks protobuf bytes and `dict[str, np.ndarray]`; this
+Both apps use it, so the message types, the record names and the way arrays travel are defined once. cut/wire.py stays Flower-free: it speaks protobuf bytes and `dict[str, np.ndarray]`; this
 module only puts those into `ConfigRecord` / `ArrayRecord` / `MetricRecord` and takes them out again,
 turning every malformed record into a `ValidationError` with a reason (never a KeyError deep inside).
 Arrays are read with numpy's loader without pickles (Flower's `Array.numpy` uses allow_pickle=False),
@@ -33,7 +32,6 @@ FINETUNE = "train.finetune"
 EVALUATE = "evaluate"
 
 # Record names inside a message's RecordDict.
-FLEET = "fleet"  # server -> device (simulation): the scenario's fleet description, JSON
 PROFILE_REC = "profile"  # device -> server: {"data": TaskProfile bytes}
 REQUEST = "request"  # server -> device: {"data": ScoringRequest bytes, model transport fields}
 BASE = "base"  # server -> device (arrays transport): the decomposed base weights
@@ -41,7 +39,7 @@ REPORT = "report"  # device -> server: {"header": ImportanceReport bytes}
 SCORES = "scores"  # device -> server: score vectors keyed "<task>/<group>"
 SPEC = "spec"  # server -> device: {"data": CompactModelSpec bytes}
 WEIGHTS = "weights"  # compact model weights, either way
-CONFIG = "config"  # server -> device: plain settings of a phase
+CONFIG = "config"  # server -> device: the typed settings of a phase (protocol.phases)
 METRICS = "metrics"  # device -> server: numbers
 
 

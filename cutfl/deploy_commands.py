@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from cut.cli_args import int_at_least, positive_float
+from cutfl.args import int_at_least, positive_float
 
 
 class RunFailed(ValueError):
-    """The run did not finish as completed: cut/cli.py prints it as one line and exits 1."""
+    """The run did not finish as completed: cutfl/cli.py prints it as one line and exits 1."""
 
 
 def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """`cutfl export` and `cutfl infer`: from a model directory to an ONNX file a device can run, and running it.
 
-Registered by cut/cli.py through `add_commands`. Heavy modules are imported inside the commands:
+Registered by cutfl/cli.py through `add_commands`. Heavy modules are imported inside the commands:
 `infer` must work on a device that has onnxruntime, numpy and Pillow but no torch, so nothing on its path
 (this module included) may import torch.
 """
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cut.cli_args import int_at_least, positive_float
+from cutfl.args import int_at_least, positive_float
 
 FORMATS = ("onnx",)
 MIN_LATENCY_RUNS = 20  # EVALUATION.md: median of >= 20 runs after warm-up

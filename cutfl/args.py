@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An error caused by the user's input: printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'params=0.5' or '0.5' -> ('params', 0.5); the value must lie in (0, 1]."""
+    kind, _, value = text.rpartition("=") if "=" in text else ("params", "", text)
+    if kind not in ("params", "macs"):
+        raise argparse.ArgumentTypeError(f"budget kind {kind!r} is not 'params' or 'macs'")
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget value {value!r} is not a number") from None
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"budget {fraction} is outside (0, 1]")
+    return kind, fraction
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
