@@ -1,14 +1,20 @@
 """Property tests: whatever arrives, a decoder returns a valid message or raises ValidationError.
 
 A device or a server must never crash (or leak a protobuf/numpy exception into aggregation) on a
-malformed message; the federation rejects it with a reason and goes on.
+malformed message; the federation rejects it with a reason and goes on. Rejecting is not enough either:
+valid input must be accepted. Where the fuzzed input's validity can be told independently (edited profiles
+and requests, report arrays), an oracle written from the contract's rules says whether it must be accepted
+or rejected; every accepted message must round-trip through its encoder unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -90,11 +96,60 @@ def _decode(name: str, data: bytes, arrays=None):
     return out
 
 
-def _accepts_or_rejects(name: str, data: bytes, arrays=None) -> None:
+WHERE = {"profile": "TaskProfile", "request": "ScoringRequest", "plan": "PruningPlan", "spec": "CompactModelSpec",
+         "report": "ImportanceReport"}
+
+
+def _reencoded(name: str, out):
+    """An accepted message, encoded again and decoded: it must come back equal (encoders validate too)."""
+    if name == "profile":
+        return wire.decode_profile(wire.encode_profile(out, limits=SMALL), limits=SMALL)
+    if name == "request":
+        return wire.decode_request(wire.encode_request(out, limits=SMALL), limits=SMALL)
+    if name == "plan":
+        return wire.decode_plan(wire.encode_plan(out, limits=SMALL), limits=SMALL)
+    if name == "spec":
+        return wire.decode_spec(wire.encode_spec(out, limits=SMALL), limits=SMALL)
+    header, arrays = wire.encode_report(out, "float32", limits=SMALL)  # decoded scores are float32
+    return wire.decode_report(header, arrays, group_sizes=GROUPS, limits=SMALL)
+
+
+def _accepts_or_rejects(name: str, data: bytes, arrays=None, *, valid: bool | None = None):
+    """Decode; the outcome must be a validated message or a ValidationError naming the message. With
+    `valid` known (True / False), the decoder must accept / reject. Returns the message or None."""
     try:
-        _decode(name, data, arrays)
+        out = _decode(name, data, arrays)
     except ValidationError as e:
-        assert str(e)  # always a reason
+        assert str(e).startswith(WHERE[name]), e  # always a reason, naming the message
+        assert valid is not True, f"valid {name} rejected: {e}"
+        return None
+    assert valid is not False, f"invalid {name} accepted: {out!r:.300}"
+    assert _reencoded(name, out) == out
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(VALID_BYTES))
+def test_valid_messages_are_accepted_and_equal_to_what_was_sent(name):
+    sent = {"profile": PROFILE, "request": REQUEST, "plan": make_plan(), "spec": make_spec(), "report": make_report()}
+    arrays = wire.encode_report(make_report())[1] if name == "report" else None
+    assert _accepts_or_rejects(name, VALID_BYTES[name], arrays, valid=True) == sent[name]
+
+
+def test_the_oracle_checks_catch_a_decoder_that_rejects_or_accepts_everything(monkeypatch):
+    """The harness itself can fail: a decoder that rejects everything fails on valid input, one that accepts
+    everything fails on invalid input."""
+
+    def reject(*args, **kwargs):
+        raise ValidationError("ScoringRequest: no")
+
+    with monkeypatch.context() as m:
+        m.setattr(wire, "decode_request", reject)
+        with pytest.raises(AssertionError, match="valid request rejected"):
+            _accepts_or_rejects("request", VALID_BYTES["request"], valid=True)
+    with monkeypatch.context() as m:
+        m.setattr(wire, "decode_request", lambda data, **kw: REQUEST)
+        with pytest.raises(AssertionError, match="invalid request accepted"):
+            _accepts_or_rejects("request", b"garbage", valid=False)
 
 
 @FUZZ
@@ -132,7 +187,8 @@ def test_mutated_valid_bytes(data, name):
 # each rejection path (not just the first check in a decoder) gets exercised.
 
 names = st.sampled_from(["seg", "depth", "normals", "", "seg/x", "1bad", "x" * 300])
-any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, -1.0])
+any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, -1.0, -0.0, 1.5, 5e-324,
+                                                                            1.0000000000000002, 3.0])
 int32 = st.integers(-(2**31), 2**31 - 1)
 text = st.sampled_from(["", "d1", "x" * 300]) | st.text(max_size=6)
 sha = st.sampled_from([SHA, "", "zz", SHA.upper(), SHA[:-1], hashlib.sha256(b"x").hexdigest()])
@@ -186,7 +242,6 @@ REQUEST_EDITS = COMMON + [
     put("batch_size", st.integers(0, 2**32 - 1)),
     put("privacy.clip_norm", any_float),
     put("privacy.noise_multiplier", any_float),
-    put("privacy.seed", st.integers(0, 2**64 - 1)),
     clear("privacy"),
 ]
 GROUP_EDITS = [put("name", st.sampled_from(["", "g2", "heads.seg.0", "x" * 300])), put("size", int32)]
@@ -248,10 +303,106 @@ def edited(draw, name: str) -> bytes:
     return msg.SerializeToString()
 
 
+# The contract's rules, restated independently of cut.messages, on the final protobuf message.
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _name_ok(value: str) -> bool:
+    return 0 < len(value) <= 256 and value.isprintable()
+
+
+def _tasks_ok(tasks) -> bool:
+    tasks = list(tasks)
+    return (0 < len(tasks) <= 64 and len(set(tasks)) == len(tasks)
+            and all(t.isidentifier() and len(t) <= 256 for t in tasks))
+
+
+def _non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def profile_is_valid(msg: pb.TaskProfile) -> bool:
+    tasks = set(msg.tasks)
+    return (msg.protocol_version == 1 and _name_ok(msg.device_id)
+            and len(msg.device_class) <= 256 and msg.device_class.isprintable()
+            and _tasks_ok(msg.tasks)
+            and msg.HasField("budget") and msg.budget.kind in (1, 2, 3)
+            and math.isfinite(msg.budget.value) and 0 < msg.budget.value <= 1
+            and all(k in tasks and _non_negative(v) for k, v in msg.task_priority.items())
+            and all(k in tasks and v >= 0 for k, v in msg.samples_per_task.items()))
+
+
+def request_is_valid(msg: pb.ScoringRequest) -> bool:
+    clip, noise = msg.privacy.clip_norm, msg.privacy.noise_multiplier
+    return (msg.protocol_version == 1 and _name_ok(msg.base_model_id)
+            and bool(_SHA256.fullmatch(msg.base_model_sha256)) and _tasks_ok(msg.tasks) and _name_ok(msg.criterion)
+            and msg.num_batches >= 1 and msg.batch_size >= 1
+            and _non_negative(clip) and _non_negative(noise) and (noise == 0 or clip > 0))
+
+
+ORACLES = {"profile": profile_is_valid, "request": request_is_valid}
+
+
+def _check_edited(name: str, payload: bytes) -> None:
+    msg = (pb.TaskProfile if name == "profile" else pb.ScoringRequest).FromString(payload)
+    out = _accepts_or_rejects(name, payload, valid=ORACLES[name](msg))
+    if out is not None:  # what was accepted is what was sent
+        assert out.tasks == tuple(msg.tasks)
+        if name == "request":
+            assert (out.num_batches, out.privacy.clip_norm) == (msg.num_batches, msg.privacy.clip_norm)
+        else:
+            assert out.task_priority == dict(msg.task_priority) and out.budget.value == msg.budget.value
+
+
 @FUZZ
-@given(data=st.data(), name=st.sampled_from(["profile", "request", "plan", "spec"]))
-def test_edited_messages(data, name):
+@given(data=st.data(), name=st.sampled_from(["profile", "request"]))
+def test_edited_profiles_and_requests_are_accepted_exactly_when_valid(data, name):
+    _check_edited(name, data.draw(edited(name)))
+
+
+ONE_EDIT = settings(FUZZ, max_examples=40)
+
+
+@pytest.mark.parametrize(("name", "index"), [("profile", i) for i in range(len(PROFILE_EDITS))]
+                         + [("request", i) for i in range(len(REQUEST_EDITS))])
+@ONE_EDIT
+@given(data=st.data())
+def test_one_edited_field_is_accepted_exactly_when_valid(name, index, data):
+    """One field at a time: a message that breaks exactly one rule is common here (with several random
+    edits most messages break several rules, and a decoder that missed one rule would still reject them)."""
+    msg = (pb.TaskProfile if name == "profile" else pb.ScoringRequest).FromString(VALID_BYTES[name])
+    (PROFILE_EDITS if name == "profile" else REQUEST_EDITS)[index](msg, data.draw)
+    _check_edited(name, msg.SerializeToString())
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(["plan", "spec"]))
+def test_edited_plans_and_specs(data, name):
     _accepts_or_rejects(name, data.draw(edited(name)))
+
+
+@st.composite
+def valid_plans(draw) -> PruningPlan:
+    """Any plan built from valid parts: random tasks, groups, sizes and kept channels."""
+    tasks = tuple(draw(st.lists(st.sampled_from(["seg", "depth", "normals", "edges"]), min_size=1, max_size=4,
+                                unique=True)))
+    sizes = draw(st.dictionaries(st.sampled_from(["backbone.layer1", "backbone.layer2", "heads.seg.0", "g"]),
+                                 st.integers(1, 40), min_size=1))
+    keep = {g: tuple(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n)))) for g, n in sizes.items()}
+    return PruningPlan(base_model_sha256=draw(sha.filter(_SHA256.fullmatch)), tasks=tasks, keep=keep,
+                       group_sizes=sizes, budget_kind=draw(st.sampled_from(["params", "macs", "latency"])),
+                       budget_value=draw(st.floats(1e-6, 1.0)), method=draw(st.sampled_from(["cut", "l1", "x" * 256])),
+                       achieved=draw(st.dictionaries(st.sampled_from(["params_ratio", "macs_ratio"]),
+                                                     st.floats(-1e6, 1e6), max_size=2)))
+
+
+@FUZZ
+@given(plan=valid_plans(), metrics=st.dictionaries(st.sampled_from(["seg/miou", "delta_m"]), st.floats(-1e3, 1e3)))
+def test_every_valid_plan_and_spec_is_accepted(plan, metrics):
+    assert _accepts_or_rejects("plan", wire.encode_plan(plan), valid=True) == plan
+    spec = CompactModelSpec(plan=plan, architecture={"backbone": "resnet18", "width": [1, 2]}, weights_sha256=SHA,
+                            tasks=plan.tasks, expected_metrics=metrics)
+    assert _accepts_or_rejects("spec", wire.encode_spec(spec), valid=True) == spec
 
 
 # ----------------------------------------------------------------------------- report arrays
@@ -298,10 +449,27 @@ def plausible_arrays(draw) -> dict:
     return out
 
 
+def arrays_are_valid(arrays: dict) -> bool:
+    """The report header's contract for its arrays: exactly its keys, each a float16 1-D vector of its
+    group's size, finite and non-negative."""
+    if set(arrays) != set(REPORT_ARRAYS):
+        return False
+    for key, arr in arrays.items():
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float16 or arr.shape != REPORT_ARRAYS[key].shape:
+            return False
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            return False
+    return True
+
+
 @FUZZ
 @given(arrays=plausible_arrays())
 def test_report_with_plausible_arrays(arrays):
-    _accepts_or_rejects("report", REPORT_HEADER, arrays)
+    out = _accepts_or_rejects("report", REPORT_HEADER, arrays, valid=arrays_are_valid(arrays))
+    if out is not None:  # the server reads exactly the values the device sent
+        for key, arr in arrays.items():
+            task, group = key.split("/", 1)
+            np.testing.assert_array_equal(out.scores[task][group], arr.astype(np.float32))
 
 
 @FUZZ
