@@ -81,8 +81,9 @@ def local_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: float = 1
     if p == 1.0:
         reports = private_reports(fleet, clip, z, seed)
     else:
-        privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z, seed=seed)
-        reports = [wire(privatise(power(d.scores, p), privacy, d.pid)) for d in fleet.devices]
+        privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z)
+        reports = [wire(privatise(power(d.scores, p), privacy, np.random.default_rng([seed, d.pid])))
+                   for d in fleet.devices]
     agg = aggregate([(r, d.weights) for r, d in zip(reports, fleet.devices, strict=True)], "weighted-mean")
     return agg if p == 1.0 else power(agg, 1.0 / p)
 
@@ -108,7 +109,7 @@ def distributed_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: flo
     server (optionally) shrinks the noisy sums with the known noise variance (z C)^2 per coordinate, then
     clamps at 0 and undoes the power p."""
     rng = np.random.default_rng([seed, 7])
-    clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip), d.pid) for d in fleet.devices]
+    clipped = [privatise(power(d.scores, p), PrivacySettings(clip_norm=clip)) for d in fleet.devices]
     out: TaskScores = {}
     for task in fleet.base.task_names:
         holders = [i for i, d in enumerate(fleet.devices) if task in d.tasks]
@@ -123,8 +124,9 @@ def distributed_aggregate(fleet: Fleet, clip: float, z: float, seed: int, p: flo
 def denoised_local(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> TaskScores:
     """local_aggregate, but the server shrinks the weighted mean; the noise variance of the mean is
     estimated per group from the spread of the individual reports (which plain mode sees)."""
-    privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z, seed=seed)
-    reports = [normalised_reports(wire(privatise(power(d.scores, p), privacy, d.pid))) for d in fleet.devices]
+    privacy = PrivacySettings(clip_norm=clip, noise_multiplier=z)
+    reports = [normalised_reports(wire(privatise(power(d.scores, p), privacy, np.random.default_rng([seed, d.pid]))))
+               for d in fleet.devices]
     out: TaskScores = {}
     for task in fleet.base.task_names:
         rows = [(flat(r[task]), d.weights[task]) for r, d in zip(reports, fleet.devices, strict=True) if task in r]

@@ -152,8 +152,9 @@ def wire(scores: TaskScores, dtype: str = "float16") -> TaskScores:
 def private_reports(fleet: Fleet, clip_norm: float, noise_multiplier: float, noise_seed: int) -> list[TaskScores]:
     """Every device's report after the real `client.scoring.privatise` and the wire (noise reproducible
     per (noise_seed, device) here; devices draw fresh randomness in a federation)."""
-    privacy = PrivacySettings(clip_norm=clip_norm, noise_multiplier=noise_multiplier, seed=noise_seed)
-    return [wire(privatise(d.scores, privacy, d.pid), fleet.settings.scoring.dtype) for d in fleet.devices]
+    privacy = PrivacySettings(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
+    return [wire(privatise(d.scores, privacy, np.random.default_rng([noise_seed, d.pid])), fleet.settings.scoring.dtype)
+            for d in fleet.devices]
 
 
 def flat(groups: Mapping[str, np.ndarray]) -> np.ndarray:

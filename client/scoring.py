@@ -51,11 +51,17 @@ def normalised(scores: TaskScores) -> TaskScores:
     return out
 
 
-def privatise(scores: TaskScores, privacy: PrivacySettings, seed: int) -> TaskScores:
-    """Clip each task's concatenated vector to `clip_norm` and add Gaussian noise (a no-op when off)."""
+def privatise(scores: TaskScores, privacy: PrivacySettings, rng: np.random.Generator | None = None) -> TaskScores:
+    """Clip each task's concatenated vector to `clip_norm` and add Gaussian noise (a no-op when off).
+
+    The noise comes from fresh OS entropy (`np.random.default_rng()`), never from anything the server sent:
+    a server that knew the seed could subtract the noise. `rng` is for local benchmarks and tests only; the
+    device's code never passes it.
+    """
     if privacy.clip_norm <= 0:
         return scores
-    rng = np.random.default_rng(None if privacy.seed is None else [privacy.seed, seed])
+    if rng is None:
+        rng = np.random.default_rng()
     out: TaskScores = {}
     for task, groups in scores.items():
         names = list(groups)
@@ -89,7 +95,7 @@ def score_and_encode(
     hooks: DeviceHooks = NO_HOOKS,
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """The whole device side of query.score: scores -> normalise -> privatise -> wire (header, arrays)."""
-    scores = privatise(normalised(local_scores(model, data, request, seed)), request.privacy, seed)
+    scores = privatise(normalised(local_scores(model, data, request, seed)), request.privacy)
     samples_used = min(request.num_batches * request.batch_size, data.num_train)
     report = hooks.outgoing("report", device, build_report(device, request, scores, samples_used))
     header, arrays = encode_report(report, dtype)

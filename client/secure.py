@@ -46,7 +46,7 @@ from protocol.layout import Layout
 def secure_vector(device: Device, model: MultiTaskModel, data: LocalData, request: ScoringRequest, layout: Layout,
                   seed: int, hooks: DeviceHooks = NO_HOOKS) -> np.ndarray:
     """What this device contributes to the secure sum (see the module docstring)."""
-    scores = normalised(privatise(normalised(local_scores(model, data, request, seed)), request.privacy, seed))
+    scores = normalised(privatise(normalised(local_scores(model, data, request, seed)), request.privacy))
     used = min(request.num_batches * request.batch_size, data.num_train)
     declared = device.profile(data.num_train).samples_per_task
     # The device caps its own weight (the server, seeing only sums, cannot): samples used, at most declared.

@@ -210,11 +210,14 @@ class TaskProfile:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """What a device does to its scores before they leave it: clip to a norm, add Gaussian noise."""
+    """What a device does to its scores before they leave it: clip to a norm, add Gaussian noise.
+
+    No noise seed: the device draws its noise from fresh OS entropy. A seed chosen by the server would let
+    a curious server regenerate the noise and subtract it from the reports.
+    """
 
     clip_norm: float = 0.0  # 0 = no clipping
     noise_multiplier: float = 0.0  # noise std = noise_multiplier * clip_norm; 0 = no noise
-    seed: int | None = None  # None = fresh randomness on the device
 
     def validate(self, where: str = "PrivacySettings") -> None:
         for what in ("clip_norm", "noise_multiplier"):
@@ -223,8 +226,6 @@ class PrivacySettings:
                 fail(where, f"{what} must be a finite number >= 0, got {value!r}")
         if self.noise_multiplier > 0 and self.clip_norm <= 0:
             fail(where, "noise_multiplier > 0 needs clip_norm > 0 (noise is scaled to the clip norm)")
-        if self.seed is not None:
-            check_count(where, "seed", self.seed, low=0, high=2**64 - 1)
 
 
 @dataclass(frozen=True)

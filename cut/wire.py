@@ -166,8 +166,6 @@ def encode_request(request: ScoringRequest, *, limits: Limits = DEFAULT_LIMITS) 
     def fill() -> pb.ScoringRequest:
         p = request.privacy
         privacy = pb.PrivacySettings(clip_norm=float(p.clip_norm), noise_multiplier=float(p.noise_multiplier))
-        if p.seed is not None:
-            privacy.seed = int(p.seed)
         return pb.ScoringRequest(
             protocol_version=request.protocol_version,
             base_model_id=request.base_model_id,
@@ -199,11 +197,7 @@ def decode_request(
         criterion=msg.criterion,
         num_batches=msg.num_batches,
         batch_size=msg.batch_size,
-        privacy=PrivacySettings(
-            clip_norm=p.clip_norm,
-            noise_multiplier=p.noise_multiplier,
-            seed=p.seed if p.HasField("seed") else None,
-        ),
+        privacy=PrivacySettings(clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier),
         protocol_version=msg.protocol_version,
     )
     request.validate(known_tasks, base_model_sha256, limits)

@@ -207,12 +207,13 @@ def test_fedavg_and_update_checks():
 
 def test_privacy_clips_and_stays_non_negative():
     scores = {"seg": {"a": np.full(4, 3.0, np.float32), "b": np.full(4, 4.0, np.float32)}}
-    clipped = privatise(scores, PrivacySettings(clip_norm=1.0), seed=0)
+    clipped = privatise(scores, PrivacySettings(clip_norm=1.0))
     flat = np.concatenate(list(clipped["seg"].values()))
     assert np.linalg.norm(flat) == pytest.approx(1.0, rel=1e-5)
-    noisy = privatise(scores, PrivacySettings(clip_norm=1.0, noise_multiplier=2.0, seed=1), seed=0)
+    np.testing.assert_allclose(flat, np.array([3.0] * 4 + [4.0] * 4) / 10.0, rtol=1e-6)  # scaled, not reshaped
+    noisy = privatise(scores, PrivacySettings(clip_norm=1.0, noise_multiplier=2.0), np.random.default_rng(1))
     assert all((v >= 0).all() for v in noisy["seg"].values())
-    assert privatise(scores, PrivacySettings(), seed=0) is scores
+    assert privatise(scores, PrivacySettings()) is scores
 
 
 def test_corrupt_produces_what_the_server_rejects():

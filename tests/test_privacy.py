@@ -99,7 +99,7 @@ def test_sensitivity_of_clipped_non_negative_vectors_is_sqrt2_clip():
     for _ in range(200):
         raw = rng.gamma(0.3, 1.0, size=12) * rng.integers(0, 2, size=12)  # non-negative, sparse
         raw[rng.integers(0, 12)] += 1.0
-        clipped = privatise({"t": {"g": raw.astype(np.float32)}}, settings, seed=0)["t"]["g"]
+        clipped = privatise({"t": {"g": raw.astype(np.float32)}}, settings)["t"]["g"]
         assert np.linalg.norm(clipped) <= clip * (1 + 1e-6)
         assert (clipped >= 0).all()
         vectors.append(clipped.astype(np.float64))
@@ -119,8 +119,112 @@ def test_the_device_path_is_non_negative_before_clipping():
         validate_scores({"g": np.array([1.0, -0.1])}, {"g": 2})
     scores = normalised({"seg": {"a": np.array([0.0, 2.0, 1.0]), "b": np.array([3.0])}})
     assert all((v >= 0).all() for v in scores["seg"].values())
-    noisy = privatise(scores, PrivacySettings(clip_norm=1.0, noise_multiplier=5.0, seed=3), seed=0)
+    noisy = privatise(scores, PrivacySettings(clip_norm=1.0, noise_multiplier=5.0), np.random.default_rng(3))
     assert all((v >= 0).all() for v in noisy["seg"].values())  # clamped after the noise: post-processing
+    assert any((v == 0).any() for v in noisy["seg"].values())  # ... and the clamp did bite at this noise
+
+
+# ------------------------------------------------------------------------------------- noise (scale, source)
+
+
+def test_noise_std_is_noise_multiplier_times_clip_norm():
+    """Before clamping, the noise is N(0, (z C)^2) per coordinate. Measured where the clamp cannot bite:
+    every coordinate of a task sits at C / sqrt(n) (norm exactly C, not clipped) and the noise std is a
+    tenth of that, so max(x + noise, 0) = x + noise with probability 1 - 1e-23 per coordinate. 160k draws:
+    the std estimate's relative standard error is 1 / sqrt(2 N) = 0.18%, the tolerance 2%."""
+    clip, n, tasks = 3.0, 16, 10_000
+    offset = clip / math.sqrt(n)  # 0.75
+    for z in (0.025, 0.02):  # std 0.075 and 0.06: offset / std = 10 and 12.5
+        scores = {f"t{i}": {"g": np.full(n, offset, dtype=np.float32)} for i in range(tasks)}
+        out = privatise(scores, PrivacySettings(clip_norm=clip, noise_multiplier=z), np.random.default_rng(11))
+        noise = np.concatenate([out[t]["g"].astype(np.float64) for t in scores]) - np.float32(offset)
+        assert noise.size == n * tasks and (noise + offset > 0).all()  # the clamp never bit
+        assert noise.std() == pytest.approx(z * clip, rel=0.02), (z, noise.std())
+        assert abs(noise.mean()) < 5 * z * clip / math.sqrt(noise.size)  # centred
+        # independent per coordinate and per task: no correlation between neighbours
+        assert abs(np.corrcoef(noise[:-1], noise[1:])[0, 1]) < 0.02
+
+
+def test_noise_std_at_a_privacy_grade_multiplier_on_zero_scores():
+    """At z = 1.5 (what an epsilon of a few asks for) on all-zero scores the clamp keeps max(noise, 0): a
+    half-normal, where P(0) = 1/2 and E[out^2] = (z C)^2 / 2. 200k draws; tolerances are > 10 standard errors."""
+    clip, z = 2.0, 1.5
+    scores = {f"t{i}": {"a": np.zeros(120, np.float32), "b": np.zeros(80, np.float32)} for i in range(1000)}
+    out = privatise(scores, PrivacySettings(clip_norm=clip, noise_multiplier=z), np.random.default_rng(5))
+    values = np.concatenate([np.concatenate([out[t]["a"], out[t]["b"]]) for t in scores]).astype(np.float64)
+    assert values.size == 200_000 and (values >= 0).all()
+    assert (values == 0).mean() == pytest.approx(0.5, abs=0.012)
+    assert math.sqrt(2 * (values**2).mean()) == pytest.approx(z * clip, rel=0.02)
+    assert values.mean() == pytest.approx(z * clip / math.sqrt(2 * math.pi), rel=0.02)  # half-normal mean
+
+
+def test_clipping_scales_a_long_vector_to_clip_norm_without_noise():
+    rng = np.random.default_rng(0)
+    scores = {"seg": {"a": rng.random(300).astype(np.float32) * 4, "b": rng.random(7).astype(np.float32)}}
+    out = privatise(scores, PrivacySettings(clip_norm=2.5))
+    flat_in = np.concatenate([scores["seg"]["a"], scores["seg"]["b"]]).astype(np.float64)
+    flat_out = np.concatenate([out["seg"]["a"], out["seg"]["b"]]).astype(np.float64)
+    assert np.linalg.norm(flat_out) == pytest.approx(2.5, rel=1e-6)
+    np.testing.assert_allclose(flat_out, flat_in * 2.5 / np.linalg.norm(flat_in), rtol=1e-6)  # direction kept
+    assert privatise(scores, PrivacySettings()) is scores  # clip 0: off, untouched
+
+
+def test_an_explicit_rng_reproduces_noise_locally():
+    scores = {"seg": {"g": np.full(50, 0.1, np.float32)}}
+    settings = PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)
+    a = privatise(scores, settings, np.random.default_rng(4))["seg"]["g"]
+    b = privatise(scores, settings, np.random.default_rng(4))["seg"]["g"]
+    c = privatise(scores, settings, np.random.default_rng(5))["seg"]["g"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_the_device_draws_fresh_noise_for_every_scoring(monkeypatch):
+    """The ScoringRequest carries no seed, and the device's scoring (plain and secure) draws its noise from
+    fresh OS entropy: the same request, model, data and scoring seed, with the global numpy and torch seeds
+    reset identically, give different reports. A server cannot make a device repeat its noise."""
+    import torch
+
+    import client.scoring
+    import client.secure
+    from client.device import Device
+    from cut import wire
+    from cut.messages import Budget, ScoringRequest
+    from protocol.layout import Layout
+    from protocol.phases import DataSpec
+
+    raw = {"seg": {"g1": np.linspace(0.1, 2.0, 24, dtype=np.float32), "g2": np.ones(8, np.float32)}}
+    monkeypatch.setattr(client.scoring, "local_scores", lambda model, data, request, seed: raw)
+    monkeypatch.setattr(client.secure, "local_scores", lambda model, data, request, seed: raw)
+    device = Device("phone-1", 0, 1, ("seg",), Budget("params", 0.5), "phone", DataSpec())
+    data = SimpleNamespace(num_train=40)
+    request = ScoringRequest("m", "0" * 64, ("seg",), "taylor", 2, 8,
+                             PrivacySettings(clip_norm=1.0, noise_multiplier=2.0))
+    request = wire.decode_request(wire.encode_request(request))  # what the device actually holds
+    layout = Layout.of({"seg": ["g1", "g2"]}, {"g1": 24, "g2": 8}, 100.0)
+
+    def plain() -> np.ndarray:
+        np.random.seed(0)
+        torch.manual_seed(0)
+        _, arrays = client.scoring.score_and_encode(device, None, data, request, "float32", seed=123)
+        return np.concatenate([arrays["seg/g1"], arrays["seg/g2"]])
+
+    def secure() -> np.ndarray:
+        np.random.seed(0)
+        torch.manual_seed(0)
+        return client.secure.secure_vector(device, None, data, request, layout, seed=123)
+
+    for scoring in (plain, secure):
+        first, second = scoring(), scoring()
+        assert first.shape == second.shape == (33,) if scoring is secure else (32,)
+        assert np.isfinite(first).all() and np.isfinite(second).all()
+        assert not np.allclose(first, second), scoring.__name__
+    # without noise the same inputs give the same report: the difference above is the noise alone
+    quiet = wire.decode_request(wire.encode_request(
+        ScoringRequest("m", "0" * 64, ("seg",), "taylor", 2, 8, PrivacySettings(clip_norm=1.0))))
+    request = quiet
+    np.testing.assert_array_equal(plain(), plain())
+    np.testing.assert_array_equal(secure(), secure())
 
 
 def test_fleet_max_tasks_covers_subsets_and_overrides():
@@ -150,7 +254,8 @@ def test_privacy_summary_states_epsilon_of_the_worst_device():
 def _entry(tasks, status="ok"):
     return {"status": status, "tasks": list(tasks), "plan_hash": "p" + "".join(tasks), "params_ratio": 0.5,
             "macs_ratio": 0.5, "budget_kind": "params", "budget": 0.5, "delta_m": -1.0, "delta_m_oneshot": -2.0,
-            "bytes_up_scores": 100, "report_source": "live", "scores_to_dense_bytes": 0.001, "bytes_up": 200,
+            "bytes_up_scores": 100, "report_source": "live", "scores_to_dense_bytes": 0.001,
+            "uplink_to_dense_bytes": 0.002, "bytes_up": 200,
             "bytes_down": 300, "device_id": "d" + "".join(tasks), "device_class": "c", "reason": "",
             "dp_epsilon": None}
 

@@ -52,7 +52,7 @@ def make_request(**kw) -> ScoringRequest:
         criterion="taylor",
         num_batches=4,
         batch_size=16,
-        privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=0.3, seed=7),
+        privacy=PrivacySettings(clip_norm=1.0, noise_multiplier=0.3),
     )
     return ScoringRequest(**{**base, **kw})
 
@@ -114,10 +114,34 @@ def test_profile_minimal_round_trip_and_list_tasks():
     assert wire.decode_profile(wire.encode_profile(p)) == p
 
 
-@pytest.mark.parametrize("seed", [None, 0, 2**64 - 1])
-def test_request_round_trip(seed):
-    r = make_request(privacy=PrivacySettings(clip_norm=2.5, noise_multiplier=1.1, seed=seed))
-    assert wire.decode_request(wire.encode_request(r), known_tasks=KNOWN, base_model_sha256=SHA) == r
+@pytest.mark.parametrize("privacy", [PrivacySettings(), PrivacySettings(clip_norm=2.5),
+                                     PrivacySettings(clip_norm=2.5, noise_multiplier=1.1)])
+def test_request_round_trip(privacy):
+    r = make_request(privacy=privacy)
+    back = wire.decode_request(wire.encode_request(r), known_tasks=KNOWN, base_model_sha256=SHA)
+    assert back == r
+    assert (back.privacy.clip_norm, back.privacy.noise_multiplier) == (privacy.clip_norm, privacy.noise_multiplier)
+
+
+def test_no_dp_noise_seed_travels():
+    """A server that chose the devices' noise seed could regenerate the noise and subtract it: the
+    contract has no seed anywhere (field 3 of PrivacySettings is reserved), and bytes from a sender that
+    still sets field 3 decode to settings without it (an unknown field, ignored)."""
+    assert not any("seed" in f.name for f in pb.PrivacySettings.DESCRIPTOR.fields)
+    assert 3 not in pb.PrivacySettings.DESCRIPTOR.fields_by_number
+    for message in (pb.ScoringRequest, pb.TaskProfile, pb.ImportanceReport, pb.PruningPlan, pb.CompactModelSpec):
+        assert not any("seed" in f.name for f in message.DESCRIPTOR.fields), message.DESCRIPTOR.name
+    assert "seed" not in {f.name for f in dataclasses.fields(PrivacySettings)}
+    with pytest.raises(TypeError):
+        PrivacySettings(clip_norm=1.0, noise_multiplier=1.0, seed=7)  # type: ignore[call-arg]
+    # A legacy sender's field 3 (varint 7): tag (3 << 3) | 0 = 0x18.
+    msg = pb.ScoringRequest.FromString(wire.encode_request(make_request()))
+    legacy_privacy = msg.privacy.SerializeToString() + b"\x18\x07"
+    msg.ClearField("privacy")
+    legacy = msg.SerializeToString() + b"\x42" + bytes([len(legacy_privacy)]) + legacy_privacy  # field 8, len
+    back = wire.decode_request(legacy, known_tasks=KNOWN, base_model_sha256=SHA)
+    assert back == make_request()
+    assert wire.encode_request(back) == wire.encode_request(make_request())  # nothing of it is sent on
 
 
 def test_request_without_privacy_block_means_no_dp():

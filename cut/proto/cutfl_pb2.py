@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63utfl.proto\x12\x08\x63utfl.v1\"}\n\x06\x42udget\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.cutfl.v1.Budget.Kind\x12\r\n\x05value\x18\x02 \x01(\x01\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06PARAMS\x10\x01\x12\x08\n\x04MACS\x10\x02\x12\x0b\n\x07LATENCY\x10\x03\"\xf2\x02\n\x0bTaskProfile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12>\n\rtask_priority\x18\x04 \x03(\x0b\x32\'.cutfl.v1.TaskProfile.TaskPriorityEntry\x12 \n\x06\x62udget\x18\x05 \x01(\x0b\x32\x10.cutfl.v1.Budget\x12\x14\n\x0c\x64\x65vice_class\x18\x06 \x01(\t\x12\x43\n\x10samples_per_task\x18\x07 \x03(\x0b\x32).cutfl.v1.TaskProfile.SamplesPerTaskEntry\x1a\x33\n\x11TaskPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13SamplesPerTaskEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"Z\n\x0fPrivacySettings\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xd3\x01\n\x0eScoringRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x11\n\tcriterion\x18\x05 \x01(\t\x12\x13\n\x0bnum_batches\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12*\n\x07privacy\x18\x08 \x01(\x0b\x32\x19.cutfl.v1.PrivacySettings\"E\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0csamples_used\x18\x02 \x01(\x03\x12\x13\n\x0bgroup_names\x18\x03 \x03(\t\"\x81\x02\n\x10ImportanceReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x15\n\rbase_model_id\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12#\n\x05tasks\x18\x05 \x03(\x0b\x32\x14.cutfl.v1.TaskScores\x12/\n\x05\x64type\x18\x06 \x01(\x0e\x32 .cutfl.v1.ImportanceReport.Dtype\"8\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"5\n\tGroupKeep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x0c\n\x04keep\x18\x03 \x03(\x05\"\xe0\x02\n\x0bPruningPlan\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x62\x61se_model_sha256\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12#\n\x06groups\x18\x04 \x03(\x0b\x32\x13.cutfl.v1.GroupKeep\x12*\n\x0b\x62udget_kind\x18\x05 \x01(\x0e\x32\x15.cutfl.v1.Budget.Kind\x12\x14\n\x0c\x62udget_value\x18\x06 \x01(\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x35\n\x08\x61\x63hieved\x18\x08 \x03(\x0b\x32#.cutfl.v1.PruningPlan.AchievedEntry\x12\x11\n\tplan_hash\x18\t \x01(\t\x12\x1b\n\x13plan_format_version\x18\n \x01(\r\x1a/\n\rAchievedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x96\x02\n\x10\x43ompactModelSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.cutfl.v1.PruningPlan\x12\x19\n\x11\x61rchitecture_json\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12I\n\x10\x65xpected_metrics\x18\x05 \x03(\x0b\x32/.cutfl.v1.CompactModelSpec.ExpectedMetricsEntry\x12\r\n\x05tasks\x18\x06 \x03(\t\x1a\x36\n\x14\x45xpectedMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63utfl.proto\x12\x08\x63utfl.v1\"}\n\x06\x42udget\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.cutfl.v1.Budget.Kind\x12\r\n\x05value\x18\x02 \x01(\x01\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06PARAMS\x10\x01\x12\x08\n\x04MACS\x10\x02\x12\x0b\n\x07LATENCY\x10\x03\"\xf2\x02\n\x0bTaskProfile\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12>\n\rtask_priority\x18\x04 \x03(\x0b\x32\'.cutfl.v1.TaskProfile.TaskPriorityEntry\x12 \n\x06\x62udget\x18\x05 \x01(\x0b\x32\x10.cutfl.v1.Budget\x12\x14\n\x0c\x64\x65vice_class\x18\x06 \x01(\t\x12\x43\n\x10samples_per_task\x18\x07 \x03(\x0b\x32).cutfl.v1.TaskProfile.SamplesPerTaskEntry\x1a\x33\n\x11TaskPriorityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x35\n\x13SamplesPerTaskEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"J\n\x0fPrivacySettings\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01J\x04\x08\x03\x10\x04R\x04seed\"\xd3\x01\n\x0eScoringRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x11\n\tcriterion\x18\x05 \x01(\t\x12\x13\n\x0bnum_batches\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12*\n\x07privacy\x18\x08 \x01(\x0b\x32\x19.cutfl.v1.PrivacySettings\"E\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0csamples_used\x18\x02 \x01(\x03\x12\x13\n\x0bgroup_names\x18\x03 \x03(\t\"\x81\x02\n\x10ImportanceReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x15\n\rbase_model_id\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12#\n\x05tasks\x18\x05 \x03(\x0b\x32\x14.cutfl.v1.TaskScores\x12/\n\x05\x64type\x18\x06 \x01(\x0e\x32 .cutfl.v1.ImportanceReport.Dtype\"8\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\"5\n\tGroupKeep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x0c\n\x04keep\x18\x03 \x03(\x05\"\xe0\x02\n\x0bPruningPlan\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x62\x61se_model_sha256\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12#\n\x06groups\x18\x04 \x03(\x0b\x32\x13.cutfl.v1.GroupKeep\x12*\n\x0b\x62udget_kind\x18\x05 \x01(\x0e\x32\x15.cutfl.v1.Budget.Kind\x12\x14\n\x0c\x62udget_value\x18\x06 \x01(\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x35\n\x08\x61\x63hieved\x18\x08 \x03(\x0b\x32#.cutfl.v1.PruningPlan.AchievedEntry\x12\x11\n\tplan_hash\x18\t \x01(\t\x12\x1b\n\x13plan_format_version\x18\n \x01(\r\x1a/\n\rAchievedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x96\x02\n\x10\x43ompactModelSpec\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.cutfl.v1.PruningPlan\x12\x19\n\x11\x61rchitecture_json\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12I\n\x10\x65xpected_metrics\x18\x05 \x03(\x0b\x32/.cutfl.v1.CompactModelSpec.ExpectedMetricsEntry\x12\r\n\x05tasks\x18\x06 \x03(\t\x1a\x36\n\x14\x45xpectedMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,23 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKPROFILE_SAMPLESPERTASKENTRY']._serialized_start=470
   _globals['_TASKPROFILE_SAMPLESPERTASKENTRY']._serialized_end=523
   _globals['_PRIVACYSETTINGS']._serialized_start=525
-  _globals['_PRIVACYSETTINGS']._serialized_end=615
-  _globals['_SCORINGREQUEST']._serialized_start=618
-  _globals['_SCORINGREQUEST']._serialized_end=829
-  _globals['_TASKSCORES']._serialized_start=831
-  _globals['_TASKSCORES']._serialized_end=900
-  _globals['_IMPORTANCEREPORT']._serialized_start=903
-  _globals['_IMPORTANCEREPORT']._serialized_end=1160
-  _globals['_IMPORTANCEREPORT_DTYPE']._serialized_start=1104
-  _globals['_IMPORTANCEREPORT_DTYPE']._serialized_end=1160
-  _globals['_GROUPKEEP']._serialized_start=1162
-  _globals['_GROUPKEEP']._serialized_end=1215
-  _globals['_PRUNINGPLAN']._serialized_start=1218
-  _globals['_PRUNINGPLAN']._serialized_end=1570
-  _globals['_PRUNINGPLAN_ACHIEVEDENTRY']._serialized_start=1523
-  _globals['_PRUNINGPLAN_ACHIEVEDENTRY']._serialized_end=1570
-  _globals['_COMPACTMODELSPEC']._serialized_start=1573
-  _globals['_COMPACTMODELSPEC']._serialized_end=1851
-  _globals['_COMPACTMODELSPEC_EXPECTEDMETRICSENTRY']._serialized_start=1797
-  _globals['_COMPACTMODELSPEC_EXPECTEDMETRICSENTRY']._serialized_end=1851
+  _globals['_PRIVACYSETTINGS']._serialized_end=599
+  _globals['_SCORINGREQUEST']._serialized_start=602
+  _globals['_SCORINGREQUEST']._serialized_end=813
+  _globals['_TASKSCORES']._serialized_start=815
+  _globals['_TASKSCORES']._serialized_end=884
+  _globals['_IMPORTANCEREPORT']._serialized_start=887
+  _globals['_IMPORTANCEREPORT']._serialized_end=1144
+  _globals['_IMPORTANCEREPORT_DTYPE']._serialized_start=1088
+  _globals['_IMPORTANCEREPORT_DTYPE']._serialized_end=1144
+  _globals['_GROUPKEEP']._serialized_start=1146
+  _globals['_GROUPKEEP']._serialized_end=1199
+  _globals['_PRUNINGPLAN']._serialized_start=1202
+  _globals['_PRUNINGPLAN']._serialized_end=1554
+  _globals['_PRUNINGPLAN_ACHIEVEDENTRY']._serialized_start=1507
+  _globals['_PRUNINGPLAN_ACHIEVEDENTRY']._serialized_end=1554
+  _globals['_COMPACTMODELSPEC']._serialized_start=1557
+  _globals['_COMPACTMODELSPEC']._serialized_end=1835
+  _globals['_COMPACTMODELSPEC_EXPECTEDMETRICSENTRY']._serialized_start=1781
+  _globals['_COMPACTMODELSPEC_EXPECTEDMETRICSENTRY']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

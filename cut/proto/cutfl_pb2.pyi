@@ -58,14 +58,12 @@ class TaskProfile(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., device_id: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., task_priority: _Optional[_Mapping[str, float]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., device_class: _Optional[str] = ..., samples_per_task: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PrivacySettings(_message.Message):
-    __slots__ = ("clip_norm", "noise_multiplier", "seed")
+    __slots__ = ("clip_norm", "noise_multiplier")
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
     clip_norm: float
     noise_multiplier: float
-    seed: int
-    def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class ScoringRequest(_message.Message):
     __slots__ = ("protocol_version", "base_model_id", "base_model_sha256", "tasks", "criterion", "num_batches", "batch_size", "privacy")
