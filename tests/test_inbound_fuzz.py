@@ -451,19 +451,58 @@ def test_metric_readers(metrics, key):
     assert value is None or (np.isfinite(value) and value >= 0)
 
 
+SENT_SHA = "0" * 64  # the build's weights the server sent
+HOLD_SHA = "1" * 64  # what a device may hold after adapting them (local BatchNorm re-estimation)
+
+
 @st.composite
 def holding_content(draw) -> RecordDict:
-    """A device's 'what I hold' reply: the two sha256 fields, each missing, of another type or odd."""
-    values = st.sampled_from(["0" * 64, "1" * 64, "", "x" * 10_000]) | ids | st.binary(max_size=4) | st.integers()
-    fields = draw(st.fixed_dictionaries({}, optional={"received_sha256": values, "weights_sha256": values}))
-    return draw(st.sampled_from([RecordDict({CONFIG: ConfigRecord(fields)}), RecordDict()]))
+    """A device's 'what I hold' reply: the two sha256 fields, each missing, of another type or odd; about
+    half the time a valid one (so both outcomes are common)."""
+    odd = (st.sampled_from(["", "x" * 10_000, "A" * 64, "0" * 63, "g" * 64, "0" * 65]) | ids | st.binary(max_size=4)
+           | st.integers() | st.just(SENT_SHA.encode()))
+    received = st.one_of(st.just(SENT_SHA), st.just(SENT_SHA), st.just(HOLD_SHA), odd)
+    held = st.one_of(st.just(SENT_SHA), st.just(HOLD_SHA), st.just("ab" * 32), odd)
+    fields = draw(st.fixed_dictionaries({"received_sha256": received, "weights_sha256": held})
+                  | st.fixed_dictionaries({}, optional={"received_sha256": received, "weights_sha256": held}))
+    record = draw(st.sampled_from([CONFIG, CONFIG, CONFIG, "elsewhere"]))
+    return RecordDict({record: ConfigRecord(fields)})
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 @FUZZ
 @given(content=holding_content())
-def test_check_holding(content):
-    build = SimpleNamespace(weights_sha256="0" * 64)
-    rejects_or_returns(server_app.check_holding, SimpleNamespace(content=content), build, "deliver reply")
+def test_check_holding_accepts_exactly_an_adoption_of_the_sent_weights(content):
+    """The device must say it received exactly the build's weights (received_sha256 == the sent sha) and
+    name what it holds as a sha256: then check_holding returns that sha; any other reply is rejected."""
+    build = SimpleNamespace(weights_sha256=SENT_SHA)
+    fields = content.config_records.get(CONFIG)
+    valid = (fields is not None and fields.get("received_sha256") == SENT_SHA
+             and _is_sha256(fields.get("weights_sha256")))
+    held = rejects_or_returns(server_app.check_holding, SimpleNamespace(content=content), build, "deliver reply")
+    assert (held is not None) == valid, (dict(fields or {}), held)
+    if valid:
+        assert held == fields["weights_sha256"]
+
+
+def test_check_holding_names_what_is_wrong():
+    build = SimpleNamespace(weights_sha256=SENT_SHA)
+
+    def reply(**fields):
+        return SimpleNamespace(content=RecordDict({CONFIG: ConfigRecord(fields)}))
+
+    assert server_app.check_holding(reply(received_sha256=SENT_SHA, weights_sha256=HOLD_SHA), build, "w") == HOLD_SHA
+    with pytest.raises(ValidationError, match="adopted weights 111111111111..., not 000000000000"):
+        server_app.check_holding(reply(received_sha256=HOLD_SHA, weights_sha256=HOLD_SHA), build, "w")
+    with pytest.raises(ValidationError, match="missing field 'weights_sha256'"):
+        server_app.check_holding(reply(received_sha256=SENT_SHA), build, "w")
+    with pytest.raises(ValidationError, match="64 lowercase hex"):
+        server_app.check_holding(reply(received_sha256=SENT_SHA, weights_sha256="A" * 64), build, "w")
+    with pytest.raises(ValidationError, match="missing config record"):
+        server_app.check_holding(SimpleNamespace(content=RecordDict()), build, "w")
 
 
 @FUZZ
@@ -483,8 +522,30 @@ def test_finetune_update(world, data):
         elif name in record:
             del record[name]
     arrays = rejects_or_returns(record_arrays, record, "finetune update", wire.arrays_limits(reference))
-    if arrays is not None:
-        assert isinstance(check_update(arrays, reference), str)
+    if arrays is None:
+        return
+    # An update can be averaged exactly when it has the reference's arrays, shapes and dtypes, all finite.
+    usable = set(arrays) == set(reference) and all(
+        arrays[k].shape == np.shape(v) and arrays[k].dtype == np.asarray(v).dtype
+        and (arrays[k].dtype.kind != "f" or np.isfinite(arrays[k]).all()) for k, v in reference.items())
+    reason = check_update(arrays, reference)
+    assert isinstance(reason, str)
+    assert (reason == "") == usable, (reason, {k: (a.dtype, a.shape) for k, a in arrays.items()})
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda a: a, ""),
+    (lambda a: {k: v for k, v in list(a.items())[1:]}, "missing ['"),
+    (lambda a: {**a, "extra": np.ones(2, np.float32)}, "extra ['extra']"),
+    (lambda a: {**a, "w": np.ones((3, 2), np.float32)}, "is float32[3, 2], expected float32[2, 3]"),
+    (lambda a: {**a, "w": np.ones((2, 3), np.float64)}, "is float64[2, 3], expected float32[2, 3]"),
+    (lambda a: {**a, "w": np.array([[1, 2, np.nan], [0, 0, 0]], np.float32)}, "'w' holds NaN or inf"),
+    (lambda a: {**a, "b": np.array([np.inf], np.float32)}, "'b' holds NaN or inf"),
+])
+def test_check_update_reasons(change, fragment):
+    reference = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(1, np.float32), "n": np.array(4, np.int64)}
+    reason = check_update(change(dict(reference)), reference)
+    assert (reason == "") == (fragment == "") and fragment in reason, reason
 
 
 # -------------------------------------------------------------------------------------- device side
