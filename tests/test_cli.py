@@ -1,6 +1,7 @@
-"""CLI: bad input ends with exactly one readable line and a non-zero exit; a tiny pretrain works."""
+"""CLI: bad input ends with exactly one readable line and a non-zero exit; a tiny pretrain, prune and bench work."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,3 +60,116 @@ def test_tiny_pretrain_then_evaluate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)["metrics"]
     assert metrics["seg"]["miou"] == pytest.approx(report["metrics"]["seg"]["miou"])
+
+
+# ------------------------------------------------------------------ prune and bench on a tiny model, in process
+
+PRUNE_TASKS = ["depth", "normals"]  # metrics that are never 0 on an untrained model (delta_m is relative)
+SMALL = ["--train-samples", "16", "--test-samples", "8", "--num-batches", "2", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained tiny model saved as `cutfl pretrain` would: (directory, card)."""
+    import torch
+
+    from cut.checkpoint import load_model, save_model
+    from cut.data.scenes import scene_tasks
+    from cut.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16))
+    root = tmp_path_factory.mktemp("cli") / "base"
+    save_model(root, model, {"dataset": "scenes", "dataset_kwargs": {"size": 32, "seed": 0},
+                             "test_kwargs": {"size": 32, "seed": 1}})
+    return root, load_model(root)[1]
+
+
+def _main(args: list[str], capsys) -> tuple[int, str, list[str]]:
+    from cutfl.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def test_prune_writes_a_compact_model_within_budget(tiny_model, tmp_path, capsys):
+    from cut.checkpoint import load_model
+    from cut.metrics import delta_m
+    from cut.models import count_params
+    from cut.plan import PruningPlan
+
+    base_dir, card = tiny_model
+    out = tmp_path / "compact"
+    code, stdout, err = _main(["prune", "--model", str(base_dir), "--tasks", ",".join(PRUNE_TASKS),
+                               "--budget", "params=0.5", "--out", str(out), *SMALL], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["tasks"] == PRUNE_TASKS and summary["method"] == "cut" and summary["out"] == str(out)
+    assert summary["budget"] == {"kind": "params", "value": 0.5}
+    compact, compact_card = load_model(out)
+    base, _ = load_model(base_dir)
+    dense = base.decompose(PRUNE_TASKS)
+    assert compact.task_names == PRUNE_TASKS  # exactly the selected heads
+    assert summary["params"] == count_params(compact)
+    assert summary["params_ratio"] == pytest.approx(count_params(compact) / count_params(dense))
+    assert 0.25 < summary["params_ratio"] <= 0.5 + 1e-9  # within budget, and not pruned to nothing
+    plan = PruningPlan.from_json((out / "plan.json").read_text())
+    assert plan.to_dict() == compact_card["plan"] and plan.tasks == tuple(PRUNE_TASKS)
+    assert plan.base_model_sha256 == compact_card["base_model_sha256"] == card["weights_sha256"]
+    assert (plan.budget_kind, plan.budget_value) == ("params", 0.5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["delta_m"] == summary["delta_m"] and report["plan_hash"] == plan.plan_hash
+    primary = {t: base.config.task(t).primary_metric for t in PRUNE_TASKS}
+    higher = {t: base.config.task(t).higher_is_better for t in PRUNE_TASKS}
+    metrics = report["metrics"]
+    assert summary["delta_m"] == pytest.approx(delta_m({t: metrics["compact"][t][primary[t]] for t in PRUNE_TASKS},
+                                                       {t: metrics["dense"][t][primary[t]] for t in PRUNE_TASKS},
+                                                       higher))
+    assert compact_card["metrics"] == metrics["compact"]
+    assert len(err) == 1 and err[0].startswith("cutfl prune: done in")  # nothing else on stderr (--quiet)
+    # a macs budget is honoured on MACs
+    code, stdout, err = _main(["prune", "--model", str(base_dir), "--tasks", ",".join(PRUNE_TASKS),
+                               "--budget", "macs=0.6", "--out", str(tmp_path / "macs"), *SMALL], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["macs_ratio"] <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--tasks", "depth,sky"], "sky"),
+    (["--budget", "params=1.5"], "(0, 1]"),
+    (["--method", "no-such-method"], "no-such-method"),
+])
+def test_prune_bad_input_is_one_line(tiny_model, tmp_path, capsys, args, fragment):
+    base = ["prune", "--model", str(tiny_model[0]), "--tasks", "depth", "--out", str(tmp_path / "x")]
+    code, _, err = _main(base + args + SMALL, capsys)
+    assert code != 0 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "x" / "model.json").exists()
+
+
+def test_bench_compares_methods_on_the_same_data(tiny_model, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, stdout, err = _main(["bench", "--model", str(tiny_model[0]), "--tasks", ",".join(PRUNE_TASKS),
+                               "--budgets", "0.5", "--methods", "random,cut", "--seeds", "1", "--out", str(out),
+                               *SMALL], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["budget"], r["seed"]): r for r in results["rows"]}
+    assert set(rows) == {("random", 0.5, 0), ("cut", 0.5, 0)}
+    for row in rows.values():
+        assert row["params_ratio"] <= 0.5 + 1e-9 and math.isfinite(row["delta_m"])
+        assert set(row["metrics"]) == set(PRUNE_TASKS)
+    assert stdout == (out / "results.md").read_text() + "\n"  # the table is printed as written
+    lines = stdout.splitlines()
+    assert lines[0] == "# Pruning methods compared (scenes, tasks depth,normals)"
+    assert f"| random | baseline | {rows[('random', 0.5, 0)]['delta_m']:.2f} ± 0.00 |" in lines
+    assert f"| cut | cut | {rows[('cut', 0.5, 0)]['delta_m']:.2f} ± 0.00 |" in lines
+    assert (out / "delta_m_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _main(["bench", "--model", str(tiny_model[0]), "--methods", "random,nope", "--out",
+                          str(tmp_path / "b2"), *SMALL], capsys)
+    assert code == 1 and len(err) == 1 and "nope" in err[0], err
+    code, _, err = _main(["bench", "--model", str(tiny_model[0]), "--budgets", "0.5,1.5"], capsys)
+    assert code != 0 and len(err) == 1 and "outside (0, 1]" in err[0], err
