@@ -51,6 +51,7 @@ CONFIGS: dict[str, RecoveryConfig] = {
     "kd-100-nowarmup": RecoveryConfig(steps=100, lr=3e-3, warmup_fraction=0.0),
     "kd-100-frozenbn": RecoveryConfig(steps=100, lr=3e-3, freeze_bn=True),
     "kd-100-b16": RecoveryConfig(steps=100, batch_size=16, lr=3e-3),
+    "kd-100-headres": RecoveryConfig(steps=100, lr=3e-3, head_resolution=True),
 }
 
 
@@ -153,17 +154,19 @@ def markdown(results: dict) -> str:
         f"Recovery of CUT-pruned models (params budgets), {results['machine']['cpu']}, "
         f"{results['machine']['threads']} torch thread(s); pool {results['setup']['pool']} training samples, "
         f"{results['setup']['test_samples']} test samples. delta_m (%) vs the dense decomposed model; "
-        "s/model = seconds of recovery per model (its updates + a share of the teacher passes).",
+        "s/model = seconds of recovery per model (its updates + a share of the teacher passes), wall and "
+        "process CPU time (the CPU time estimates an idle core when the machine is shared).",
         "",
-        "| recipe | budget | " + " | ".join(cols) + " | s/model |",
-        "|---|---|" + "---|" * (len(cols) + 1),
+        "| recipe | budget | " + " | ".join(cols) + " | s/model | CPU s/model |",
+        "|---|---|" + "---|" * (len(cols) + 2),
     ]
     for name, run in runs.items():
         rows = run["rows"]
         secs = sum(r["seconds"] for r in rows.values()) / max(1, len(rows))
+        cpu = sum(r.get("cpu_seconds") or 0.0 for r in rows.values()) / max(1, len(rows))
         lines.append(f"| {name} | {run['budget']} | "
                      + " | ".join(f"{rows[c]['delta_m']:+.2f}" if c in rows else "-" for c in cols)
-                     + f" | {secs:.0f} |")
+                     + f" | {secs:.0f} | {cpu:.0f} |")
     return "\n".join(lines)
 
 

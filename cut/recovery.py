@@ -56,6 +56,7 @@ class RecoveryConfig:
     feature_weight: float = 0.0  # attention transfer at the backbone stages
     weight_decay: float = 0.0
     freeze_bn: bool = False  # BatchNorm in eval mode while training: the student trains as it will be deployed
+    head_resolution: bool = False  # distil the heads' outputs before upsampling to the input size (cheaper)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr < 0:
@@ -97,7 +98,8 @@ def recovery_batches(dataset: Dataset, config: RecoveryConfig, *, seed: int = 0,
 
 def recover(student: MultiTaskModel, teacher: MultiTaskModel, batches: Sequence[Batch], config: RecoveryConfig,
             *, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Recover one student in place; returns {"seconds", "steps", "loss", "distill", "task", "feature", "lr"}."""
+    """Recover one student in place; returns {"seconds", "cpu_seconds", "steps", "loss", "distill", "task", "feature",
+    "lr", "teacher_passes"}."""
     return recover_many({"student": student}, teacher, batches, config, seed=seed, progress=progress)["student"]
 
 
@@ -112,7 +114,7 @@ def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel
         missing = [t for t in s.task_names if t not in teacher.task_names]
         if missing:
             raise ValueError(f"student {name!r} has tasks {missing} the teacher lacks ({teacher.task_names})")
-    stats = {name: {"seconds": 0.0, "steps": config.steps, "loss": None, "distill": None, "task": None,
+    stats = {name: {"seconds": 0.0, "cpu_seconds": 0.0, "steps": config.steps, "loss": None, "distill": None, "task": None,
                     "feature": None, "lr": []} for name in students}
     if config.steps <= 0 or not students:
         return stats
@@ -122,7 +124,7 @@ def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel
     teacher_was_training = teacher.training
     teacher.eval()
     runs = {name: _StudentRun(s, config, stages) for name, s in students.items()}
-    cache = _TeacherCache(teacher, stages)
+    cache = _TeacherCache(teacher, stages, config.head_resolution)
     order = _visit_order(len(batches), config.steps, seed)
     tail = max(1, config.steps // 10)
     try:
@@ -132,10 +134,11 @@ def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel
                 teacher_out, teacher_maps = cache.get(index, images)
                 lr = config.lr_at(step)
                 for name, run in runs.items():
-                    t = time.perf_counter()
+                    t, cpu = time.perf_counter(), time.process_time()
                     parts = run.step(images, targets, teacher_out, teacher_maps, lr)
                     s = stats[name]
                     s["seconds"] += time.perf_counter() - t
+                    s["cpu_seconds"] += time.process_time() - cpu
                     s["lr"].append(lr)
                     if step >= config.steps - tail:
                         for k, v in parts.items():
@@ -145,9 +148,11 @@ def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel
         for run in runs.values():
             run.close()
         teacher.train(teacher_was_training)
-    # The teacher's time is shared: spread it evenly so per-student seconds add up to the wall time.
+    # The teacher's time is shared: spread it evenly so per-student seconds add up to the wall time. CPU
+    # seconds (all threads of this process) estimate the wall time of an idle machine when others share it.
     for s in stats.values():
         s["seconds"] += cache.seconds / len(students)
+        s["cpu_seconds"] += cache.cpu_seconds / len(students)
         s["teacher_passes"] = cache.passes
     return stats
 
@@ -194,6 +199,10 @@ def _stage_names(model: MultiTaskModel) -> list[str]:
     return ["backbone"]
 
 
+def _head_names(model: MultiTaskModel) -> list[str]:
+    return [f"heads.{t}" for t in model.task_names]
+
+
 def _attention(features: torch.Tensor) -> torch.Tensor:
     """Attention map: channel-mean of squared activations, flattened and L2-normalised per sample."""
     return F.normalize(features.pow(2).mean(1).flatten(1), dim=1)
@@ -228,30 +237,34 @@ class _Hooks:
 class _TeacherCache:
     """The teacher's outputs and stage attention maps per batch index, computed once while they fit."""
 
-    def __init__(self, teacher: MultiTaskModel, stages: list[str]) -> None:
-        self.teacher, self.stages = teacher, stages
+    def __init__(self, teacher: MultiTaskModel, stages: list[str], head_resolution: bool) -> None:
+        self.teacher, self.stages, self.head_resolution = teacher, stages, head_resolution
         self.kept: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         self.bytes = 0
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
         self.passes = 0
 
     @torch.no_grad()
     def get(self, index: int, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if index in self.kept:
             return self.kept[index]
-        t = time.perf_counter()
-        hooks = _Hooks(self.teacher, self.stages)
+        t, cpu = time.perf_counter(), time.process_time()
+        hooks = _Hooks(self.teacher, self.stages + (_head_names(self.teacher) if self.head_resolution else []))
         try:
             outputs = self.teacher(images)
-            maps = {n: _attention(f) for n, f in hooks.take().items()}
+            captured = hooks.take()
         finally:
             hooks.close()
+        maps = {n: _attention(captured[n]) for n in self.stages}
+        if self.head_resolution:
+            outputs = {t: captured[f"heads.{t}"] for t in outputs}
         self.passes += 1
         size = sum(v.numel() * v.element_size() for v in [*outputs.values(), *maps.values()])
         if self.bytes + size <= TEACHER_CACHE_BYTES:
             self.kept[index] = (outputs, maps)
             self.bytes += size
         self.seconds += time.perf_counter() - t
+        self.cpu_seconds += time.process_time() - cpu
         return outputs, maps
 
 
@@ -261,7 +274,9 @@ class _StudentRun:
     def __init__(self, student: MultiTaskModel, config: RecoveryConfig, stages: list[str]) -> None:
         self.student, self.config = student, config
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.hooks = _Hooks(student, stages) if stages else None
+        self.stages = stages
+        names = stages + (_head_names(student) if config.head_resolution else [])
+        self.hooks = _Hooks(student, names) if names else None
         student.train()
         if config.freeze_bn:
             for m in student.modules():
@@ -272,7 +287,9 @@ class _StudentRun:
              teacher_maps: Mapping[str, torch.Tensor], lr: float) -> dict[str, float]:
         student, config = self.student, self.config
         outputs = student(images)
-        distill = sum(student.config.task(t).loss_weight * _distill_loss(student.config.task(t), outputs[t],
+        captured = self.hooks.take() if self.hooks is not None else {}
+        matched = {t: captured[f"heads.{t}"] for t in outputs} if config.head_resolution else outputs
+        distill = sum(student.config.task(t).loss_weight * _distill_loss(student.config.task(t), matched[t],
                                                                            teacher_out[t]) for t in outputs)
         labelled = [t for t in outputs if targets.get(t) is not None]
         parts = {"distill": float(distill.detach())}
@@ -283,8 +300,8 @@ class _StudentRun:
             parts["task"] = float(task.detach())
         else:
             loss = distill
-        if self.hooks is not None:
-            feature = _attention_loss({n: _attention(f) for n, f in self.hooks.take().items()}, teacher_maps)
+        if self.stages:
+            feature = _attention_loss({n: _attention(captured[n]) for n in self.stages if n in captured}, teacher_maps)
             loss = loss + config.feature_weight * feature
             parts["feature"] = float(feature.detach())
         parts["loss"] = float(loss.detach())

@@ -90,7 +90,7 @@ def test_recover_many_equals_recover_per_student_bit_for_bit():
                 "n": cut_student(teacher, ["normals"], 0.6, seed=1)}
     copies = {k: copy.deepcopy(v) for k, v in students.items()}
     batches = make_batches()
-    cfg = RecoveryConfig(steps=8, batch_size=4, lr=3e-3, distill_weight=0.7, feature_weight=1.0)
+    cfg = RecoveryConfig(steps=8, batch_size=4, lr=3e-3, distill_weight=0.7, feature_weight=1.0, head_resolution=True)
     many = recover_many(students, teacher, batches, cfg, seed=3)
     assert {s["teacher_passes"] for s in many.values()} == {len(batches)}  # one teacher pass per batch
     for name, model in copies.items():
@@ -145,8 +145,9 @@ def test_teacher_is_untouched_and_full_teacher_equals_decomposed_teacher():
     a = cut_student(teacher, ["depth"])
     b = copy.deepcopy(a)
     batches = make_batches()
-    recover(a, teacher, batches, CFG)
-    recover(b, teacher.decompose(["depth"]), batches, CFG)
+    cfg = RecoveryConfig(steps=6, batch_size=4, feature_weight=1.0, head_resolution=True)
+    recover(a, teacher, batches, cfg)
+    recover(b, teacher.decompose(["depth"]), batches, cfg)
     assert same(state(a), state(b))
     assert same(teacher_before, state(teacher)) and not teacher.training
 
