@@ -54,7 +54,7 @@ from fleet_scores import (  # noqa: E402  (benchmarks/ on sys.path)
 )
 from machine import cpu_model  # noqa: E402
 
-from client.scoring import normalised, privatise  # noqa: E402
+from client.scoring import mean_one, privatise  # noqa: E402
 from cut.data import get_dataset  # noqa: E402
 from cut.importance import score_tasks  # noqa: E402
 from cut.messages import PrivacySettings  # noqa: E402
@@ -143,9 +143,9 @@ def denoised_local(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> 
 
 def normalised_reports(report: TaskScores) -> TaskScores:
     """What server.aggregate does to each report first: per-task normalisation."""
-    from server.aggregate import normalised as server_normalised
+    from cut.fusion import normalise
 
-    return server_normalised(report)
+    return normalise(report, "global")
 
 
 def server_scores(fleet: Fleet) -> TaskScores:
@@ -156,7 +156,7 @@ def server_scores(fleet: Fleet) -> TaskScores:
                         seed=kwargs.get("seed", 0))
     model = fleet.base.model.eval()
     tasks = list(fleet.base.task_names)
-    return normalised(score_tasks(model, make_loader(train, 32, shuffle=True, seed=0), tasks, "fisher", 4, 0))
+    return mean_one(score_tasks(model, make_loader(train, 32, shuffle=True, seed=0), tasks, "fisher", 4, 0))
 
 
 def group_means(fleet: Fleet, p: float) -> TaskScores:

@@ -5,7 +5,7 @@ Shared by benchmarks/bench_privacy.py and benchmarks/bench_attack.py. Nothing he
 federation run does per device and on the server is called directly, in one process:
 
 - device: `client.device.assign` (who the device is), `client.data.local_data` (its private samples),
-  `client.scoring.local_scores` + `normalised` (its per-task scores on its decomposed base model, with the
+  `client.scoring.local_scores` + `mean_one` (its per-task scores on its decomposed base model, with the
   seed the ClientApp uses), and later `client.scoring.privatise` and the float16 wire round trip;
 - server: `server.aggregate.aggregate` / `personalise` and `server.planning.PlanBook.plan`, keyed exactly as
   `server.app.plan_devices` keys shared plans.
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from client import base as device_base  # noqa: E402
 from client.data import local_data  # noqa: E402
 from client.device import Device, assign  # noqa: E402
-from client.scoring import local_scores, normalised, privatise  # noqa: E402
+from client.scoring import local_scores, mean_one, privatise  # noqa: E402
 from cut.budget import BudgetOptions  # noqa: E402
 from cut.compact import compact_model, recalibrate_batchnorm  # noqa: E402
 from cut.data import get_dataset  # noqa: E402
@@ -122,7 +122,7 @@ def load_fleet(scenario: str = "default", devices: int = 100, base_model: str | 
         model = device_base.decomposed(base.sha256, tasks, base_dir)
         data = local_data(device)
         seed = settings.seed * 100_003 + device.partition_id  # client.app._seed
-        scores = normalised(local_scores(model, data, request, seed))
+        scores = mean_one(local_scores(model, data, request, seed))
         used = min(s.num_batches * s.batch_size, data.num_train)
         weights = {t: float(min(used, data.num_train)) for t in tasks}
         out.append(FleetDevice(device, tasks, scores, weights))

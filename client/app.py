@@ -36,6 +36,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from client import base, secure, store
+from client.adapt import adapt
 from client.data import LocalData, local_data
 from client.device import Device, device_from_node_config
 from client.hooks import NO_HOOKS, DeviceHooks
@@ -244,7 +245,15 @@ class Handlers:
         arrays = record_arrays(msg.content.array_records.get(WEIGHTS), WEIGHTS)
         model, spec = store.receive(spec_bytes, arrays, device.tasks, scored["base_sha256"])
         model, stored = _adopt(device, adoption, model, spec.plan, spec.weights_sha256)
+        _state(context)["delivered_sha256"] = stored.weights_sha256
         metrics: dict[str, float] = {"params": float(count_params(model))}
+        if adoption.adapt_steps > 0:  # on-device adaptation, kept only if it helps on my validation half
+            adapted, outcome = adapt(model, _dense(device), local_data(device), adoption,
+                                     _seed(adoption.adapt_steps, device))
+            metrics["adapt_accepted"] = float(outcome["accepted"])
+            if outcome["accepted"]:
+                stored = _models(device).put_active(adapted, spec.plan, spec.weights_sha256)
+                model = adapted
         if cfg.evaluate:
             metrics.update(metrics_record("compact", _evaluate(model, local_data(device), cfg.batch_size)))
         return Message(RecordDict({CONFIG: _holding(stored), METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -279,9 +288,18 @@ class Handlers:
         compact = store.load(stored)
         dense = _dense(device)
         data = local_data(device)
+        delivered = _state(context).get("delivered_sha256")
+        if isinstance(delivered, str) and delivered != stored.weights_sha256 and stored.source_sha256 == cfg.weights_sha256:
+            # I hold my adaptation of the delivered model: report the model as delivered too
+            kept = store.StoredModel(_models(device).models / delivered, delivered, stored.plan_hash,
+                                     stored.source_sha256)
+            extra = metrics_record("delivered", _evaluate(store.load(kept), data, cfg.batch_size))
+        else:
+            extra = {}
         metrics = {
             **metrics_record("dense", _evaluate(dense, data, cfg.batch_size)),
             **metrics_record("compact", _evaluate(compact, data, cfg.batch_size)),
+            **extra,
             "params_dense": float(count_params(dense)),
             "params_compact": float(count_params(compact)),
             "macs_dense": float(count_macs(dense)),

@@ -38,7 +38,7 @@ def local_scores(model: MultiTaskModel, data: LocalData, request: ScoringRequest
     return score_tasks(model, loader, list(request.tasks), request.criterion, request.num_batches, seed)
 
 
-def normalised(scores: TaskScores) -> TaskScores:
+def mean_one(scores: TaskScores) -> TaskScores:
     """Each task's scores divided by their mean over all the task's channels (mean 1 per task).
 
     This is the engine's per-task (`global`) normalisation, which measured best (BENCHMARKS.md), rescaled
@@ -95,11 +95,11 @@ def score_and_encode(
     hooks: DeviceHooks = NO_HOOKS,
 ) -> tuple[bytes, dict[str, np.ndarray]]:
     """The whole device side of query.score: scores -> normalise -> privatise -> wire (header, arrays)."""
-    scores = privatise(normalised(local_scores(model, data, request, seed)), request.privacy)
+    scores = privatise(mean_one(local_scores(model, data, request, seed)), request.privacy)
     samples_used = min(request.num_batches * request.batch_size, data.num_train)
     report = hooks.outgoing("report", device, build_report(device, request, scores, samples_used))
     header, arrays = encode_report(report, dtype)
     return header, hooks.outgoing("report-arrays", device, arrays)
 
 
-__all__ = ["build_report", "local_scores", "normalised", "privatise", "score_and_encode"]
+__all__ = ["build_report", "local_scores", "mean_one", "privatise", "score_and_encode"]

@@ -37,7 +37,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from client.data import LocalData
 from client.device import Device
 from client.hooks import NO_HOOKS, DeviceHooks
-from client.scoring import local_scores, normalised, privatise
+from client.scoring import local_scores, mean_one, privatise
 from cut.messages import ScoringRequest
 from cut.models import MultiTaskModel
 from protocol.layout import Layout
@@ -46,7 +46,7 @@ from protocol.layout import Layout
 def secure_vector(device: Device, model: MultiTaskModel, data: LocalData, request: ScoringRequest, layout: Layout,
                   seed: int, hooks: DeviceHooks = NO_HOOKS) -> np.ndarray:
     """What this device contributes to the secure sum (see the module docstring)."""
-    scores = normalised(privatise(normalised(local_scores(model, data, request, seed)), request.privacy))
+    scores = mean_one(privatise(mean_one(local_scores(model, data, request, seed)), request.privacy))
     used = min(request.num_batches * request.batch_size, data.num_train)
     declared = device.profile(data.num_train).samples_per_task
     # The device caps its own weight (the server, seeing only sums, cannot): samples used, at most declared.

@@ -1,7 +1,7 @@
 """From channel scores to a PruningPlan: the one place every route (CLI, bench, server) plans with.
 
 - `plan_from_scores`: CUT's planning, per-task scores -> normalise -> fuse -> budget planner. The server
-  (`server/planning.py`, `fuse_for_device` + `make_plan`), `cutfl prune` and `cutfl bench` all call it;
+  (`server/planning.py:PlanBook.plan`), `cutfl prune` and `cutfl bench` all call it;
   with the server's arguments (rule `weighted`, normalise `global`, the device's priorities, method
   `cut`) it gives the server's plan bit for bit (tests/test_budget.py).
 - `uniform_plan`: the textbook allocation of the `random` and `l1` baselines: the same kept fraction in
@@ -95,11 +95,6 @@ def plan_from_scores(
 # Plans from explicit kept counts
 
 
-def _nearest_allowed(allowed: np.ndarray, value: float) -> int:
-    i = int(np.argmin(np.abs(allowed - value)))  # ties: the smaller count
-    return int(allowed[i])
-
-
 def _smallest_allowed_at_least(allowed: np.ndarray, value: float) -> int:
     i = min(int(np.searchsorted(allowed, value)), len(allowed) - 1)
     return int(allowed[i])
@@ -154,27 +149,48 @@ def _bisect(fits, iterations: int = 40) -> float:
 
 def uniform_counts(analysis: GroupAnalysis, budget_kind: str, budget_value: float,
                    options: BudgetOptions | None = None) -> tuple[float, dict[str, int]]:
-    """(r, counts): the largest kept fraction r whose per-group counts (r x size, rounded to the nearest
-    allowed count) meet the budget, and those counts."""
+    """(r, counts): one kept fraction r for every group, and per group a kept count within one allowed step
+    of r x size, that together meet the budget.
+
+    r is the largest fraction whose counts (r x size rounded down to an allowed count) meet the budget;
+    then groups are rounded up instead (largest remainder first) while the budget still holds, so the
+    reached fraction is close to the budget although allowed counts are coarse (multiples of round_to).
+    """
     check_budget(budget_kind, budget_value)
     options = options or BudgetOptions()
     cost = analysis.cost
     names = list(cost.group_names)
-    allowed = {g: allowed_counts(int(s), options) for g, s in zip(names, cost.group_sizes, strict=True)}
+    sizes = {g: int(s) for g, s in zip(names, cost.group_sizes, strict=True)}
+    allowed = {g: allowed_counts(sizes[g], options) for g in names}
     target = budget_value * cost.dense(budget_kind)
 
-    def counts_at(r: float) -> dict[str, int]:
-        return {g: _nearest_allowed(allowed[g], r * int(s)) for g, s in zip(names, cost.group_sizes, strict=True)}
+    def floor_allowed(g: str, x: float) -> int:
+        i = int(np.searchsorted(allowed[g], x + 1e-9, side="right")) - 1
+        return int(allowed[g][max(i, 0)])
 
-    def fits(r: float) -> bool:
-        return cost.cost(budget_kind, cost.counts_vector(counts_at(r))) <= target
+    def counts_at(r: float) -> dict[str, int]:
+        return {g: floor_allowed(g, r * sizes[g]) for g in names}
+
+    def fits(counts: dict[str, int]) -> bool:
+        return cost.cost(budget_kind, cost.counts_vector(counts)) <= target
 
     smallest = {g: int(allowed[g][0]) for g in names}
-    if cost.cost(budget_kind, cost.counts_vector(smallest)) > target:
+    if not fits(smallest):
         raise ValueError(f"budget {budget_value} of {budget_kind} is unreachable with a uniform ratio: the minimum "
                          "channels of every group already exceed it")
-    r = _bisect(fits)
-    return r, (counts_at(r) if r > 0 else smallest)
+    r = _bisect(lambda x: fits(counts_at(x)))
+    counts = counts_at(r)
+    remainders = []
+    for g in names:
+        nxt = np.searchsorted(allowed[g], counts[g], side="right")
+        if nxt < len(allowed[g]) and counts[g] < r * sizes[g]:
+            up = int(allowed[g][nxt])
+            remainders.append(((r * sizes[g] - counts[g]) / (up - counts[g]), g, up))
+    for _, g, up in sorted(remainders, key=lambda x: (-x[0], x[1])):
+        trial = {**counts, g: up}
+        if fits(trial):
+            counts = trial
+    return r, counts
 
 
 def uniform_plan(

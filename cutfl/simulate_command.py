@@ -38,6 +38,9 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", type=Path,
                    help="pre-trained model directory (default: the scenario's; pre-trained when missing)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--oracle", action="store_true",
+                   help="also make the same plans from all devices' pooled scoring data and report the federation's "
+                        "gap to that oracle (simulation only; recovers every plan a second time)")
     p.add_argument("--print-schema", action="store_true",
                    help="print the JSON schema of a scenario file (every section, key, type and default) and exit")
     p.add_argument("--resume", action="store_true",
@@ -75,12 +78,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     scoring = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
     summary = run_scenario(args.scenario, devices=args.devices, out_dir=args.out, base_model_dir=args.base_model,
-                           scoring=scoring, resume=args.resume)
+                           scoring=scoring, resume=args.resume, oracle=args.oracle)
     keys = ("scenario", "status", "devices_ok", "devices_rejected", "devices_failed", "distinct_plans",
             "all_within_budget", "seconds_total")
     short = {k: summary[k] for k in keys}
-    for k in ("delta_m", "scores_to_dense_bytes"):
+    for k in ("delta_m", "uplink_to_dense_bytes", "scores_to_dense_bytes"):
         short[f"{k}_mean"] = summary[k]["mean"] if summary.get(k) else None
+    if summary.get("delta_m") and summary["delta_m"].get("ci95") is not None:
+        short["delta_m_ci95"] = summary["delta_m"]["ci95"]
+    short["delta_m_by_budget"] = {k: round(v["mean"], 2) for k, v in (summary.get("delta_m_by_budget") or {}).items()
+                                  if v}
+    if summary.get("oracle"):
+        short["oracle_gap_mean"] = summary["oracle"]["gap_mean"]
     privacy = summary.get("privacy") or {}
     short["dp_epsilon"] = privacy.get("epsilon")
     short["report"] = str(summary.get("report_dir", ""))

@@ -158,15 +158,22 @@ class ScoreConfig(PhaseConfig):
 @dataclass(frozen=True)
 class Adoption(PhaseConfig):
     """How a device adopts server weights (a delivered model or a FedAvg result): re-estimating BatchNorm
-    statistics on its own samples first, since pruning and averaging shift them."""
+    statistics on its own samples first, since pruning and averaging shift them; then, for a delivered
+    model, optionally adapting it locally (client.adapt), kept only if it helps on its own validation half."""
 
     WHERE: ClassVar[str] = "config"
-    recalibrate_bn: bool = True
+    recalibrate_bn: bool = False
     bn_batches: int = 4
     bn_batch_size: int = 16
+    adapt_steps: int = 0  # 0 = no on-device adaptation
+    adapt_lr: float = 1e-3
+    adapt_batch_size: int = 16
 
     def check(self, where: str) -> None:
-        _positive(where, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size)
+        _positive(where, bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size,
+                  adapt_batch_size=self.adapt_batch_size)
+        if self.adapt_steps < 0 or not self.adapt_lr > 0:
+            raise ValidationError(f"{where}: adapt_steps >= 0 and adapt_lr > 0 needed")
 
 
 @dataclass(frozen=True)

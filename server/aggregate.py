@@ -30,6 +30,7 @@ makes plans device-specific, so the server builds one compact model per device i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,8 @@ Contribution = tuple[TaskScores, Mapping[str, float]]  # one device's scores and
 
 
 def normalised(scores: TaskScores) -> TaskScores:
+    """Each task's scores as shares of the task's total (cut.fusion's `global`): devices become comparable
+    whatever scale their scores came in (the device itself sends them with mean 1, client.scoring.mean_one)."""
     return fusion.normalise(scores, "global")
 
 
@@ -126,11 +129,6 @@ def personalise(aggregated: TaskScores, own: TaskScores | None, tasks: Sequence[
             for t in tasks}
 
 
-def fuse_for_device(per_task: TaskScores, priorities: Mapping[str, float], normalise: str = "global") -> dict:
-    """CUT's fusion for one device: shared groups get the priority-weighted mean of its tasks' scores."""
-    return fusion.fuse(per_task, rule="weighted", normalisation=normalise, priorities=priorities)
-
-
 def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
     """Sample-weighted average of weight arrays with identical names and shapes (one plan's devices).
 
@@ -153,8 +151,15 @@ def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> dict[st
     return out
 
 
-def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str:
-    """Why a fine-tuned update cannot be averaged into its plan's weights ('' if it can)."""
+MAX_UPDATE_RATIO = 0.5  # a fine-tuning round moves a plan's weights by less than half their norm
+
+
+def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                 max_ratio: float = MAX_UPDATE_RATIO) -> str:
+    """Why a fine-tuned update cannot be averaged into its plan's weights ('' if it can): other arrays,
+    shapes or dtypes, NaN or inf, or a change of the float weights larger than `max_ratio` of their norm
+    (a few local distillation steps cannot do that; a device scaling its weights to overwrite the average
+    would)."""
     if set(arrays) != set(reference):
         missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
         return f"update names other arrays (missing {missing[:3]}, extra {extra[:3]})"
@@ -164,8 +169,13 @@ def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             return f"update array {name!r} is {got.dtype}{list(got.shape)}, expected {ref.dtype}{list(ref.shape)}"
         if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
             return f"update array {name!r} holds NaN or inf"
+    floats = [n for n, ref in reference.items() if np.issubdtype(ref.dtype, np.floating) and "running_" not in n]
+    norm = math.sqrt(sum(float(np.sum(np.square(reference[n], dtype=np.float64))) for n in floats))
+    change = math.sqrt(sum(float(np.sum(np.square(arrays[n].astype(np.float64) - reference[n]))) for n in floats))
+    if norm > 0 and change > max_ratio * norm:
+        return f"update moves the weights by {change / norm:.3g} of their norm (at most {max_ratio:g})"
     return ""
 
 
-__all__ = ["AGGREGATORS", "aggregate", "check_update", "clip_to_median", "fedavg", "fuse_for_device", "normalised",
+__all__ = ["AGGREGATORS", "aggregate", "check_update", "clip_to_median", "fedavg", "normalised",
            "personalise", "trimmed_mean"]

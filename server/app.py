@@ -6,8 +6,9 @@
                                 under SecAgg+ the unmasked sum is all the server has)
     plan                        per device: personalise, fuse for its task subset, cut to its budget;
                                 one compact model per distinct plan
+    recover                     each distinct plan distilled from the dense model on the server's own data
     deliver   train.deliver  -> plan + weights; the device verifies, stores and reports what it holds
-    finetune  train.finetune -> optional rounds of distillation, FedAvg among devices sharing a plan
+    finetune  train.finetune -> opt-in rounds of distillation, FedAvg among devices sharing a plan
     evaluate  evaluate       -> per-task metrics of dense vs compact on each device's held-out data
     report                      report.json, report.md, plots
 
@@ -31,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from cut.budget import BUDGET_KINDS, BudgetOptions
 from cut.fusion import TaskScores
 from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
+from cut.progress import progress_enabled
 from cut.wire import arrays_limits, decode_profile, decode_report, encode_request, report_limits
 from protocol.phases import DeliverConfig, EvaluateConfig, FinetuneConfig, ProfileConfig, ScoreConfig, merged
 from protocol.records import (
@@ -61,6 +63,7 @@ from server.aggregate import aggregate, check_update, fedavg, personalise
 from server.exchange import exchange, wait_for_nodes
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel, Build, PlanBook
+from server.recovery import UpdateGate, recover_plans
 from server.report import write_report
 from server.rundir import RunState
 from server.secagg import secure_aggregate
@@ -102,16 +105,22 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
     with clock("plan"):
         aggregated = aggregate_scores(ledger, settings, state, secure_mean)
         book = plan_devices(ledger, settings, base, aggregated)
+    with clock("recover"):
+        recovery = recover_plans(book, base, settings.recovery, state, progress=progress_enabled())
         restore_weights(book, state)
     with clock("deliver"):
         deliver_models(grid, ledger, settings, book)
+    gate = (UpdateGate(base, settings.recovery)
+            if settings.finetune.gate and settings.finetune.rounds > state.finetune_round else None)
     for round_ in range(state.finetune_round + 1, settings.finetune.rounds + 1):
         with clock(f"finetune-{round_}"):
-            finetune_round(grid, ledger, settings, book, round_)
+            finetune_round(grid, ledger, settings, book, round_, gate)
             keep_weights(book, state, round_)
+    if gate is not None:
+        recovery["finetune_updates_refused"] = sum(gate.refused.values())
     with clock("evaluate"):
         evaluate_devices(grid, ledger, settings, book)
-    return write_report(ledger, settings, base, book, seconds)
+    return write_report(ledger, settings, base, book, seconds, recovery)
 
 
 def restore_weights(book: PlanBook, state: RunState) -> None:
@@ -269,10 +278,12 @@ def decode_device_report(header: bytes, arrays: dict, record: DeviceRecord, base
 # --------------------------------------------------------------------------------------------- plan
 
 
-def sample_weights(record: DeviceRecord) -> dict[str, float]:
-    """A device's weight per task: samples used, capped at the samples its profile declared."""
+def sample_weights(record: DeviceRecord, most: int) -> dict[str, float]:
+    """A device's weight per task: samples used, capped at the samples its profile declared and at `most`,
+    the samples the scoring request let any device use (num_batches x batch_size): a device cannot buy
+    influence by claiming more data than it was asked to score on."""
     declared = record.profile.samples_per_task
-    return {t: float(min(n, declared.get(t, n))) for t, n in record.report.samples_used.items()}
+    return {t: float(max(0, min(n, declared.get(t, n), most))) for t, n in record.report.samples_used.items()}
 
 
 def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None = None,
@@ -287,7 +298,8 @@ def aggregate_scores(ledger: Ledger, settings: Settings, state: RunState | None 
     if kept is not None:
         return kept
     aggregated = (secure_mean or {}) if settings.scoring.secure_aggregation else aggregate(
-        [(r.report.scores, sample_weights(r)) for r in active], settings.scoring.aggregation,
+        [(r.report.scores, sample_weights(r, settings.scoring.num_batches * settings.scoring.batch_size))
+         for r in active], settings.scoring.aggregation,
         trim_fraction=settings.scoring.trim_fraction, server_clip=settings.scoring.server_clip)
     if state is not None:
         state.keep_aggregated(aggregated, contributors)
@@ -351,6 +363,8 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
             record.held_sha256 = check_holding(reply, build, "deliver reply")
             metrics = reply.content.metric_records.get(METRICS)
             record.sizes["params_compact"] = metric_value(metrics, "params", "deliver reply")
+            if metrics is not None and "adapt_accepted" in metrics:
+                record.adapted = metric_value(metrics, "adapt_accepted", "deliver reply") > 0
             if oneshot:
                 record.metrics_oneshot = _task_metrics(metrics, "compact", record)
         except ValidationError as e:
@@ -378,8 +392,10 @@ def _task_metrics(metrics, prefix: str, record: DeviceRecord) -> dict[str, dict[
 # ----------------------------------------------------------------------------------------- finetune
 
 
-def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook, round_: int) -> None:
-    """train.finetune: local distillation on each device, then FedAvg among devices of one plan."""
+def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook, round_: int,
+                   gate: UpdateGate | None = None) -> None:
+    """train.finetune: local distillation on each device, then FedAvg among devices of one plan; a result
+    that moves the plan away from the dense teacher on the server's validation data is not adopted."""
     f = settings.finetune
     weights = WeightRecords()
     contents = {}
@@ -411,9 +427,12 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         record.weights_sha256 = build.weights_sha256
         record.num_examples = int(n)
         declared = max(record.profile.samples_per_task.values(), default=n)
-        updates[record.plan_hash].append((arrays, min(max(n, 0.0), float(declared))))
+        most = f.steps * f.batch_size  # the samples a round can use: no device buys a larger share by claiming
+        updates[record.plan_hash].append((arrays, min(max(n, 0.0), float(declared), float(most))))
     for plan_hash, group in updates.items():
-        book.with_weights(plan_hash, fedavg(group))
+        averaged = fedavg(group)
+        if gate is None or gate.admit(book, plan_hash, averaged):
+            book.with_weights(plan_hash, averaged)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -436,6 +455,9 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
         try:
             metrics = reply.content.metric_records.get(METRICS)
             dense, compact = _task_metrics(metrics, "dense", record), _task_metrics(metrics, "compact", record)
+            delivered = read_metrics(metrics, "delivered", "delivered metrics")
+            if delivered:
+                delivered = _task_metrics(metrics, "delivered", record)
             sizes = {key: metric_value(metrics, key, "evaluate reply")
                      for key in ("params_dense", "params_compact", "macs_dense", "macs_compact", "eval_samples")}
             held = check_holding(reply, book.builds[record.plan_hash], "evaluate reply")
@@ -443,6 +465,7 @@ def evaluate_devices(grid: Grid, ledger: Ledger, settings: Settings, book: PlanB
             ledger.exclude(node_id, REJECTED, "evaluate", str(e))
             continue
         record.metrics_dense, record.metrics_compact, record.held_sha256 = dense, compact, held
+        record.metrics_delivered = delivered
         record.sizes.update(sizes)
         record.weights_sha256 = book.builds[record.plan_hash].weights_sha256
 

@@ -37,6 +37,8 @@ class DeviceRecord:
     metrics_dense: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics_compact: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics_oneshot: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics_delivered: dict[str, dict[str, float]] = field(default_factory=dict)  # when it holds an adaptation
+    adapted: bool | None = None  # on-device adaptation: kept (True), refused by its validation (False), off (None)
     sizes: dict[str, float] = field(default_factory=dict)  # params/macs of dense and compact, as measured on the device
     num_examples: int = 0
     bytes_up: int = 0

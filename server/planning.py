@@ -14,16 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cut.budget import BudgetOptions, make_plan
+from cut.budget import BudgetOptions
 from cut.checkpoint import load_model
 from cut.compact import compact_model
+from cut.fusion import TaskScores
 from cut.groups import GroupAnalysis, analyse
 from cut.messages import Budget, CompactModelSpec
 from cut.models import MultiTaskModel, count_params
 from cut.plan import PruningPlan
+from cut.planner import plan_from_scores
 from cut.wire import arrays_sha256, encode_spec
-from protocol.records import state_arrays
-from server.aggregate import TaskScores, fuse_for_device
+from protocol.records import arrays_state, state_arrays
 
 
 @dataclass
@@ -110,9 +111,9 @@ class PlanBook:
         """Fuse the per-task scores and cut to the budget; `cache_key` shares plans between devices."""
         if cache_key is not None and cache_key in self._plans:
             return self._plans[cache_key]
-        fused = fuse_for_device(per_task, priorities, self.normalise)
-        plan = make_plan(fused, self.base.analysis(tasks), budget.kind, budget.value, self.options,
-                         base_model_sha256=self.base.sha256, tasks=tasks, method="cut")
+        plan = plan_from_scores(per_task, self.base.analysis(tasks), budget.kind, budget.value, options=self.options,
+                                priorities=priorities, normalise=self.normalise, base_model_sha256=self.base.sha256,
+                                tasks=tasks, method="cut")
         if cache_key is not None:
             self._plans[cache_key] = plan
         return plan
@@ -125,6 +126,13 @@ class PlanBook:
             self.builds[plan.plan_hash] = self._package(plan, state_arrays(compact), count_params(compact),
                                                         count_params(dense))
         return self.builds[plan.plan_hash]
+
+    def model(self, plan_hash: str) -> MultiTaskModel:
+        """A fresh module holding a plan's current weights (eval mode)."""
+        build = self.builds[plan_hash]
+        model = compact_model(self.base.decomposed(build.plan.tasks), build.plan)
+        model.load_state_dict(arrays_state(build.arrays))
+        return model.eval()
 
     def with_weights(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> Build:
         """Replace a plan's weights (after a FedAvg round) and re-hash them."""

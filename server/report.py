@@ -56,6 +56,9 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "macs_ratio": macs_ratio,
         "delta_m": device_delta(record, record.metrics_compact, base),
         "delta_m_oneshot": device_delta(record, record.metrics_oneshot, base),
+        "delta_m_delivered": device_delta(record, record.metrics_delivered or record.metrics_compact, base),
+        "adapted": record.adapted,
+        "metrics_delivered": record.metrics_delivered,
         "metrics_dense": record.metrics_dense,
         "metrics_compact": record.metrics_compact,
         "metrics_oneshot": record.metrics_oneshot,
@@ -66,15 +69,38 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "bytes_down": record.bytes_down,
         "bytes_dense_model": record.bytes_dense,
         "scores_to_dense_bytes": record.bytes_up_scores / record.bytes_dense if record.bytes_dense else None,
+        "uplink_to_dense_bytes": record.bytes_up / record.bytes_dense if record.bytes_dense else None,
     }
 
 
+# Two-sided 95% Student t quantiles by degrees of freedom (beyond the table: the normal 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t95(dof: int) -> float:
+    """The 97.5% quantile of Student's t with `dof` degrees of freedom (the nearest tabulated df below)."""
+    below = [k for k in _T95 if k <= dof]
+    return _T95[max(below)] if below else math.inf
+
+
 def _stats(values: list[float]) -> dict[str, float] | None:
+    """mean, min, max, median, n and the half-width of the mean's 95% t-interval (`ci95`)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None
+    n = len(values)
+    half = t95(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else None
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "median": statistics.median(values), "n": len(values)}
+            "median": statistics.median(values), "n": n, "ci95": half}
+
+
+def grouped(entries: list[dict], key) -> dict[str, dict[str, float] | None]:
+    """delta_m statistics per group of devices (by budget, by task subset)."""
+    groups: dict[str, list[float]] = {}
+    for e in entries:
+        groups.setdefault(key(e), []).append(e["delta_m"])
+    return {k: _stats(v) for k, v in sorted(groups.items())}
 
 
 def within_budget(entry: dict[str, Any]) -> bool:
@@ -101,9 +127,15 @@ def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: Pl
         "params_ratio": _stats([e["params_ratio"] for e in ok]),
         "delta_m": _stats([e["delta_m"] for e in ok]),
         "delta_m_oneshot": _stats([e["delta_m_oneshot"] for e in ok]),
+        "delta_m_delivered": _stats([e.get("delta_m_delivered") for e in ok]),
+        "devices_adapted": sum(e.get("adapted") is True for e in ok),
+        "devices_at_or_above_dense": sum(e["delta_m"] is not None and e["delta_m"] >= 0 for e in ok),
+        "delta_m_by_budget": grouped(ok, lambda e: f"{e['budget_kind']}={e['budget']:g}"),
+        "delta_m_by_tasks": grouped(ok, lambda e: ",".join(e["tasks"])),
         "bytes_up_scores": _stats([float(e["bytes_up_scores"]) for e in ok]),
         "reports_resumed": sum(e["report_source"] == "resumed" for e in entries),
         "scores_to_dense_bytes": _stats([e["scores_to_dense_bytes"] for e in ok]),
+        "uplink_to_dense_bytes": _stats([e.get("uplink_to_dense_bytes") for e in ok]),
         "bytes_up": _stats([float(e["bytes_up"]) for e in entries]),
         "bytes_down": _stats([float(e["bytes_down"]) for e in entries]),
         "full_model_bytes": int(base.card.get("weights_bytes", 0)),
@@ -136,7 +168,7 @@ def privacy_block(entries: list[dict], settings: Settings) -> dict[str, Any]:
 
 
 def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
-                 seconds: dict[str, float]) -> dict[str, Any]:
+                 seconds: dict[str, float], recovery: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write report.json, report.md and the plots into settings.out_dir; returns the summary."""
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +176,7 @@ def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: Plan
     for e in entries:
         e["dp_epsilon"] = device_epsilon(settings, len(e["tasks"]))
     summary = summarise(entries, settings, base, book, seconds)
+    summary["recovery"] = recovery
     report = {"summary": summary, "devices": entries}
     (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     (out / "report.md").write_text(markdown(report))
@@ -166,6 +199,16 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _interval(stats: dict[str, Any]) -> str:
+    half = stats.get("ci95")
+    return "-" if half is None else f"[{stats['mean'] - half:.2f}, {stats['mean'] + half:.2f}]"
+
+
+def _mean_ci(stats: dict[str, Any]) -> str:
+    half = stats.get("ci95")
+    return f"mean {stats['mean']:.2f}" + ("" if half is None else f" +- {half:.2f} (95% interval, n={stats['n']})")
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines = [
@@ -177,15 +220,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"all within budget: {s['all_within_budget']}.",
         "",
     ]
+    recovery = s.get("recovery") or {}
+    if recovery.get("recovered") or recovery.get("resumed"):
+        lines.append(f"Server-side recovery: {recovery['budget']} per plan on the server's data "
+                     f"({recovery['data']}), {recovery['recovered']} plan(s) recovered in {recovery['seconds']:.0f} s"
+                     f" ({recovery['resumed']} kept from an earlier run).")
+    when = "as delivered" if not s["finetune_rounds"] else f"after {s['finetune_rounds']} fine-tune round(s)"
     if s["delta_m"]:
-        lines.append(f"delta_m (after {s['finetune_rounds']} fine-tune round(s)): mean {s['delta_m']['mean']:.2f}, "
-                     f"min {s['delta_m']['min']:.2f}, max {s['delta_m']['max']:.2f}.")
+        lines.append(f"delta_m ({when}; per device, on its own held-out samples, against the dense model): "
+                     f"{_mean_ci(s['delta_m'])}, min {s['delta_m']['min']:.2f}, max {s['delta_m']['max']:.2f}.")
     if s["delta_m_oneshot"]:
-        lines.append(f"delta_m as delivered (one-shot): mean {s['delta_m_oneshot']['mean']:.2f}.")
-    if s["scores_to_dense_bytes"]:
-        lines.append(f"Scores uplink per device: mean {s['bytes_up_scores']['mean']:.0f} bytes = "
-                     f"{100 * s['scores_to_dense_bytes']['mean']:.3f}% of the dense decomposed model "
-                     f"(max {100 * s['scores_to_dense_bytes']['max']:.3f}%).")
+        lines.append(f"delta_m as delivered (before fine-tuning): {_mean_ci(s['delta_m_oneshot'])}.")
+    if s.get("devices_adapted") or any(e.get("adapted") is not None for e in report["devices"]):
+        lines.append(f"On-device adaptation kept by {s['devices_adapted']} of {s['devices_ok']} devices (the others' "
+                     f"validation said no); as delivered: {_mean_ci(s['delta_m_delivered'])}; "
+                     f"{s['devices_at_or_above_dense']} devices at or above the dense model.")
+    if s.get("uplink_to_dense_bytes"):
+        lines.append(f"Uplink per device (every byte it sent: scores, metrics, updates): mean "
+                     f"{s['bytes_up']['mean']:.0f} bytes = {100 * s['uplink_to_dense_bytes']['mean']:.3f}% of its dense "
+                     f"decomposed model (max {100 * s['uplink_to_dense_bytes']['max']:.3f}%); scores alone "
+                     f"{100 * s['scores_to_dense_bytes']['mean']:.3f}%.")
     privacy = s.get("privacy") or {}
     if privacy.get("mode") == "local":
         lines.append(f"Privacy: {privacy['statement']}: epsilon {privacy['epsilon']:.3g} (RDP accountant; exact "
@@ -199,6 +253,11 @@ def markdown(report: dict[str, Any]) -> str:
     if s.get("server_clip"):
         robust += f", server clip {s['server_clip']:g} x the median norm"
     lines.append(f"Aggregation: {robust}.")
+    for title, key in (("budget", "delta_m_by_budget"), ("task subset", "delta_m_by_tasks")):
+        if s.get(key):
+            lines += ["", f"| {title} | devices | mean delta_m | 95% interval | min | max |", "|---|---|---|---|---|---|"]
+            lines += [f"| {k} | {v['n']} | {v['mean']:.2f} | {_interval(v)} | {v['min']:.2f} | {v['max']:.2f} |"
+                      for k, v in s[key].items() if v]
     lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()), "",
               "| device | class | tasks | budget | status | params | MACs | delta_m | one-shot | up (scores) | down | reason |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

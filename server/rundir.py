@@ -6,6 +6,7 @@
                                       devices they came from (one file: both change together)
     OUT/state/plans/<plan hash>.json  each plan (PruningPlan JSON; for inspection: a resumed run derives
                                       the same plans again from the kept aggregate)
+    OUT/state/recovered/<hash>.npz    each plan's weights after server-side recovery (server.recovery)
     OUT/state/builds/<plan hash>.npz  each plan's current compact weights (after the last finetune round)
 
 Scoring is the expensive, privacy-relevant step of a device, so a resumed run asks only devices without a
@@ -71,7 +72,7 @@ class RunState:
         self.resumed = kept is not None  # there was a run to continue
         self.manifest: dict[str, Any] = kept or {"base_model_sha256": base_sha256, "scenario": scenario,
                                                  "finetune_round": 0}
-        for sub in ("reports", "plans", "builds"):
+        for sub in ("reports", "plans", "recovered", "builds"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_manifest()
 
@@ -154,6 +155,17 @@ class RunState:
     def kept_weights(self, plan_hash: str) -> dict[str, np.ndarray] | None:
         path = self.root / "builds" / f"{plan_hash}.npz"
         return _read_npz(path) if path.is_file() else None
+
+    def keep_recovered(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> None:
+        atomic_write(self.root / "recovered" / f"{plan_hash}.npz", _npz_bytes(arrays))
+
+    def kept_recovered(self, plan_hash: str) -> dict[str, np.ndarray] | None:
+        """A plan's recovered weights (None: not recovered yet, or the file is unreadable: recover again)."""
+        path = self.root / "recovered" / f"{plan_hash}.npz"
+        try:
+            return _read_npz(path) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
 
     def finished_round(self, round_: int) -> None:
         self.manifest["finetune_round"] = round_

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cut.recovery import RecoveryConfig
 from protocol.phases import Adoption, DataSpec, DeliverConfig, FinetuneConfig, ScoreConfig
 
 AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")
@@ -95,8 +96,35 @@ class PlanningSettings(Section):
     min_fraction: float = Field(0.25, ge=0, le=1)
 
 
+class RecoverySettings(Section):
+    """Server-side recovery before delivery (server.recovery): each distinct plan's compact model distilled
+    from the dense model on data the server holds, never on device data."""
+
+    data: str = Field("pretrain", description="'pretrain' (the base model's pre-training split, from its card) "
+                                               "or a directory of unlabelled PNG/JPG images")
+    samples: int = Field(512, ge=1, description="how many of those samples are used")
+    steps: int = Field(150, ge=0, description="optimiser steps per plan (0 = deliver the pruned model as is)")
+    batch_size: int = Field(RecoveryConfig.batch_size, ge=1)
+    lr: float = Field(RecoveryConfig.lr, gt=0)
+    warmup_fraction: float = Field(RecoveryConfig.warmup_fraction, ge=0, le=1)
+    distill_weight: float = Field(RecoveryConfig.distill_weight, ge=0, le=1)
+    feature_weight: float = Field(RecoveryConfig.feature_weight, ge=0)
+    freeze_bn: bool = RecoveryConfig.freeze_bn
+    seed: int = 0
+
+    def config(self) -> RecoveryConfig:
+        return RecoveryConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                              warmup_fraction=self.warmup_fraction, distill_weight=self.distill_weight,
+                              feature_weight=self.feature_weight, freeze_bn=self.freeze_bn)
+
+
 class FinetuneSettings(Section):
-    rounds: int = Field(2, ge=0)
+    """Federated fine-tuning (opt-in): devices of one plan distil locally and upload weights for FedAvg."""
+
+    rounds: int = Field(0, ge=0, description="FedAvg rounds among devices that share a plan (0 = off: only "
+                                              "scores leave a device)")
+    gate: bool = Field(True, description="adopt an average only if it is no further from the dense teacher "
+                                         "on the server's validation data than the weights it replaces")
     steps: int = Field(FinetuneConfig.steps, ge=0)
     lr: float = Field(FinetuneConfig.lr, gt=0)
     batch_size: int = Field(FinetuneConfig.batch_size, ge=1)
@@ -114,6 +142,10 @@ class DeviceSettings(Section):
     recalibrate_bn: bool = Adoption.recalibrate_bn
     bn_batches: int = Field(Adoption.bn_batches, ge=1)
     bn_batch_size: int = Field(Adoption.bn_batch_size, ge=1)
+    adapt_steps: int = Field(Adoption.adapt_steps, ge=0, description="on-device adaptation of the delivered model "
+                                                                     "(0 = off); kept only if it helps locally")
+    adapt_lr: float = Field(Adoption.adapt_lr, gt=0)
+    adapt_batch_size: int = Field(Adoption.adapt_batch_size, ge=1)
 
     def adoption(self) -> Adoption:
         return Adoption(**self.model_dump())
@@ -157,6 +189,7 @@ class ScenarioFile(Section):
     data: DataSection = DataSection()
     scoring: ScoringSettings = ScoringSettings()
     planning: PlanningSettings = PlanningSettings()
+    recovery: RecoverySettings = RecoverySettings()
     finetune: FinetuneSettings = FinetuneSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     device: DeviceSettings = DeviceSettings()
@@ -165,6 +198,10 @@ class ScenarioFile(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioFile:
+        if self.finetune.rounds > 0 and (self.scoring.secure_aggregation or self.scoring.noise_multiplier > 0):
+            raise ValueError("finetune.rounds > 0 uploads each device's compact weights in the clear, outside the "
+                             "secure aggregation and differential privacy that protect its scores: set "
+                             "finetune.rounds = 0 (server-side [recovery] needs no device upload)")
         if self.scoring.secure_aggregation and self.planning.personalisation > 0:
             raise ValueError("scoring.secure_aggregation needs planning.personalisation 0 (personalisation blends "
                              "in a device's own scores, which the server never sees)")
@@ -185,6 +222,7 @@ class Settings:
     data: DataSpec
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     planning: PlanningSettings = field(default_factory=PlanningSettings)
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
@@ -198,6 +236,9 @@ class Settings:
             scoring = ScoringSettings.model_validate({**self.scoring.model_dump(), **changes})
         except pydantic.ValidationError as e:
             raise ValueError(f"scenario {self.name!r}: {describe(e, 'scoring')}") from None
+        if self.finetune.rounds > 0 and (scoring.secure_aggregation or scoring.noise_multiplier > 0):
+            raise ValueError(f"scenario {self.name!r}: finetune.rounds > 0 uploads weights outside the privacy of "
+                             f"the scores; set finetune.rounds = 0 to use noise or secure aggregation")
         return dataclasses.replace(self, scoring=scoring)
 
 
@@ -253,6 +294,7 @@ def settings_from(path: Path, parsed: ScenarioFile, *, devices: int | None = Non
         data=parsed.data.spec(),
         scoring=parsed.scoring,
         planning=parsed.planning,
+        recovery=parsed.recovery,
         finetune=parsed.finetune,
         evaluation=parsed.evaluation,
         device=parsed.device,
@@ -317,6 +359,7 @@ __all__ = [
     "EvaluationSettings",
     "FinetuneSettings",
     "PlanningSettings",
+    "RecoverySettings",
     "ScenarioFile",
     "ScoringSettings",
     "Settings",

@@ -55,11 +55,14 @@ def run_scenario(
     num_cpus: int | None = None,
     resume: bool = False,
     scoring: dict[str, Any] | None = None,
+    oracle: bool = False,
 ) -> dict[str, Any]:
     """Run one scenario end to end; returns the report summary (also in OUT/report.json).
 
     `resume`: continue from the state a stopped run left in OUT/state (see server.rundir). `scoring`:
-    [scoring] overrides, keyword arguments of simulations.scenario.load_scenario (clip_norm, epsilon, ...)."""
+    [scoring] overrides, keyword arguments of simulations.scenario.load_scenario (clip_norm, epsilon, ...).
+    `oracle`: also make the same devices' plans from their pooled data (simulations.oracle) and add the
+    federation's gap to it to the report."""
     scenario = load_scenario(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir,
                              **(scoring or {}))
     ensure_base_model(scenario.settings, may_pretrain=base_model_dir is None)
@@ -76,13 +79,26 @@ def run_scenario(
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(settings), client_app=make_simulated_client_app(scenario.fleet), num_supernodes=settings.devices,
-                   backend_config=backend_config(num_cpus))
+    run_simulation(server_app=make_server_app(settings), client_app=make_simulated_client_app(scenario.fleet),
+                   num_supernodes=settings.devices, backend_config=backend_config(num_cpus))
     wall = time.perf_counter() - start
     report_path = out / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"the federation ended without a report in {out} (see the log above)")
-    summary = json.loads(report_path.read_text())["summary"]
+    report = json.loads(report_path.read_text())
+    if oracle:
+        from simulations.oracle import run_oracle
+
+        result = run_oracle(scenario, report)
+        report["summary"]["oracle"] = {k: v for k, v in result.items() if k != "devices"}
+        report["oracle_devices"] = result["devices"]
+        report_path.write_text(json.dumps(report, indent=2))
+        with (out / "report.md").open("a") as md:
+            md.write(f"\nPooled-data oracle (the same plans made centrally from every device's scoring data, same "
+                     f"recovery): mean delta_m {result['delta_m_oracle_mean']:.2f}; the federation's mean gap to it "
+                     f"{result['gap_mean']:+.2f} points ({result['same_plans']} of {len(result['devices'])} plans "
+                     f"identical).\n")
+    summary = report["summary"]
     summary["wall_seconds"] = round(wall, 1)
     summary["report_dir"] = str(out)
     return summary

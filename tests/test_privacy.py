@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client.scoring import normalised, privatise
+from client.scoring import mean_one, privatise
 from cut.importance import validate_scores
 from cut.messages import PrivacySettings
 from server import privacy
@@ -117,7 +117,7 @@ def test_the_device_path_is_non_negative_before_clipping():
     # cut.importance validates every criterion's scores >= 0; per-task normalisation keeps them so
     with pytest.raises(ValueError, match="negative"):
         validate_scores({"g": np.array([1.0, -0.1])}, {"g": 2})
-    scores = normalised({"seg": {"a": np.array([0.0, 2.0, 1.0]), "b": np.array([3.0])}})
+    scores = mean_one({"seg": {"a": np.array([0.0, 2.0, 1.0]), "b": np.array([3.0])}})
     assert all((v >= 0).all() for v in scores["seg"].values())
     noisy = privatise(scores, PrivacySettings(clip_norm=1.0, noise_multiplier=5.0), np.random.default_rng(3))
     assert all((v >= 0).all() for v in noisy["seg"].values())  # clamped after the noise: post-processing

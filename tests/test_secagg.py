@@ -88,8 +88,7 @@ def plain_reports(secure_run):
     """device id -> (scores, weights): each good device's plain-mode report, computed here as it would
     compute it (client.scoring on its data, its decomposed base model, the server's request and seed)."""
     from client.data import local_data
-    from client.scoring import local_scores, privatise
-    from client.scoring import normalised as mean_one
+    from client.scoring import local_scores, mean_one, privatise
     from cut.messages import PrivacySettings, ScoringRequest
     from server.planning import BaseModel
     from simulations.fleet import assign
