@@ -47,6 +47,7 @@ __all__ = [
     "arrays_sha256",
     "check_arrays",
     "decode_plan",
+    "declared_device_id",
     "decode_profile",
     "decode_report",
     "decode_request",
@@ -133,6 +134,16 @@ def encode_profile(profile: TaskProfile, *, limits: Limits = DEFAULT_LIMITS) -> 
         return msg
 
     return _serialize(_build("TaskProfile", fill), "TaskProfile", limits)
+
+
+def declared_device_id(data: bytes, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The device id a TaskProfile claims, for the log and report of a profile that was refused ('' if even
+    that cannot be read); printable characters only, at most limits.max_name_len of them."""
+    try:
+        msg = _parse(pb.TaskProfile, data, "TaskProfile", limits)
+    except ValidationError:
+        return ""
+    return "".join(c for c in msg.device_id if c.isprintable())[:limits.max_name_len]
 
 
 def decode_profile(

@@ -33,7 +33,7 @@ from cut.budget import BUDGET_KINDS, BudgetOptions
 from cut.fusion import TaskScores
 from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
 from cut.progress import progress_enabled
-from cut.wire import arrays_limits, decode_profile, decode_report, encode_request, report_limits
+from cut.wire import arrays_limits, declared_device_id, decode_profile, decode_report, encode_request, report_limits
 from protocol.phases import DeliverConfig, EvaluateConfig, FinetuneConfig, ProfileConfig, ScoreConfig, merged
 from protocol.records import (
     BASE,
@@ -158,6 +158,7 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
     seen: set[str] = set()
     for node_id, reply in replies.items():
         record = ledger.records[node_id]
+        data = None
         try:
             data = field(config_of(reply.content, PROFILE_REC), "data", bytes, "TaskProfile")
             profile = decode_profile(data, known_tasks=base.task_names)
@@ -167,6 +168,8 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
             if profile.device_id in seen:
                 raise ValidationError(f"TaskProfile: device id {profile.device_id!r} is already taken")
         except ValidationError as e:
+            if isinstance(data, bytes):  # keep what it claimed to be, labelled as unverified, for the operator
+                record.declared_id = declared_device_id(data)
             ledger.exclude(node_id, REJECTED, "profile", str(e))
             continue
         seen.add(profile.device_id)

@@ -23,6 +23,7 @@ log = logging.getLogger("cutfl.server")
 class DeviceRecord:
     node_id: int
     device_id: str = ""
+    declared_id: str = ""  # what a refused profile claimed (unverified; for the operator only)
     profile: TaskProfile | None = None
     tasks: tuple[str, ...] = ()  # in the base model's task order
     status: str = OK
@@ -62,7 +63,8 @@ class Ledger:
         record = self.records[node_id]
         if record.ok:
             record.status, record.phase, record.reason = status, phase, f"{phase}: {reason}"
-            log.warning("excluded node %s (device %s) in phase %s: %s: %s", node_id, record.device_id or "?",
+            who = record.device_id or (f"declared {record.declared_id!r}, unverified" if record.declared_id else "?")
+            log.warning("excluded node %s (device %s) in phase %s: %s: %s", node_id, who,
                         phase, status, " ".join(str(reason).split()))
 
     def __iter__(self):

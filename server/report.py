@@ -43,6 +43,7 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
                   else record.achieved.get("macs_ratio"))
     return {
         "device_id": record.device_id or f"node-{record.node_id}",
+        "declared_id": record.declared_id or None,
         "node_id": record.node_id,
         "device_class": prof.device_class if prof else "",
         "tasks": list(record.tasks or (prof.tasks if prof else ())),
