@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import server.app as server_app
+from cut.checkpoint import load_model
 from server.rundir import RunState
-from tests.test_federation import scenario_file, tiny_model_dir
+from tests.test_federation import assert_delta_m_consistent, scenario_file, tiny_model_dir
 
 # 10 devices, 3 of them (30%) leave at different phases: one too slow to answer the score query, one gone
 # during delivery, one gone during fine-tuning.
@@ -37,9 +38,17 @@ def test_thirty_percent_dropping_out_mid_flow_are_excluded_and_the_rest_complete
     for pid, (_, phase, fragment) in DROPOUTS.items():
         d = report[f"device-{pid:04d}"]
         assert d["status"] == "failed" and d["reason"].startswith(f"{phase}:") and fragment in d["reason"], d
+    config = load_model(base_dir)[0].config
     for pid in set(range(10)) - set(DROPOUTS):
         d = report[f"device-{pid:04d}"]
-        assert d["status"] == "ok" and d["delta_m"] is not None, d
+        assert d["status"] == "ok", d
+        assert_delta_m_consistent(d, config)  # finite, sane, and what its own dense/compact metrics give
+    for pid in DROPOUTS:  # no metrics from a device that left: no delta_m either
+        assert report[f"device-{pid:04d}"]["delta_m"] is None
+    assert summary["delta_m"]["n"] == 7
+
+
+ROUND = 4  # finetune_round(grid, ledger, settings, book, round_, ...): the round's position
 
 
 def _crash_at(monkeypatch, name: str, when=lambda *args: True):
@@ -71,7 +80,7 @@ def test_a_restarted_server_resumes_without_asking_devices_to_score_again(base_d
     monkeypatch.undo()
 
     # 2. It dies again during the second fine-tuning round: the first round's averaged weights are kept.
-    _crash_at(monkeypatch, "finetune_round", when=lambda *args: args[-1] == 2)
+    _crash_at(monkeypatch, "finetune_round", when=lambda *args: args[ROUND] == 2)
     with pytest.raises(RuntimeError, match="server killed|without a report"):
         run_scenario(scenario, out_dir=out, resume=True)
     monkeypatch.undo()
@@ -83,7 +92,7 @@ def test_a_restarted_server_resumes_without_asking_devices_to_score_again(base_d
     # 3. The restarted server completes: no device scored again, and fine-tuning went on at round 2.
     rounds: list[int] = []
     real_round = server_app.finetune_round
-    monkeypatch.setattr(server_app, "finetune_round", lambda *a: (rounds.append(a[-1]), real_round(*a))[1])
+    monkeypatch.setattr(server_app, "finetune_round", lambda *a: (rounds.append(a[ROUND]), real_round(*a))[1])
     summary = run_scenario(scenario, out_dir=out, resume=True)
     assert summary["status"] == "ok" and summary["devices_ok"] == 4
     assert rounds == [2]
