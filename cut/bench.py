@@ -25,12 +25,15 @@ row is the sparsity.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +99,15 @@ def run_bench(
     recovery: RecoveryConfig | None = None,
     recalibrate_bn: bool = True,
     base_sha256: str = "",
+    workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every (seed, budget, method) cell; write results.json, results.md and the plot; return results.
 
     `recovery` (else `finetune_steps` steps of batch `batch_size`, at `finetune_lr` if given) is every
-    method's recovery stage (`cut.recovery`).
+    method's recovery stage (`cut.recovery`). `workers` > 1 runs cells in that many forked processes (one
+    torch thread each); every cell depends only on its (seed, budget, method), so the rows are the same bits
+    as with one worker.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,29 +124,18 @@ def run_bench(
     decomposed = base_model.decompose(list(tasks)).eval()
     dense = evaluate(decomposed, test_batches, list(tasks), eval_batches)
     levels = list(budgets) if structured else _as_list(sparsity if sparsity is not None else 0.9)
-    rows: list[dict[str, Any]] = []
-    with progress_bar("benchmark", total=len(seeds) * len(levels) * len(methods), enabled=progress) as advance:
-        for seed in seeds:
-            data = seed_data(train, seed, batch_size, num_batches, recovery)
-            for level in levels:
-                for method in methods:
-                    torch.manual_seed(seed)
-                    if structured:
-                        row = _structured_row(base_model, tasks, budget_kind, level, method, criterion, fusion,
-                                              normalise, data, test_batches, seed, base_sha256, options,
-                                              eval_batches, dense, recovery, recalibrate_bn)
-                    else:
-                        row = _unstructured_row(decomposed, tasks, level, method, data, test_batches, seed,
-                                                eval_batches, dense, recovery, recalibrate_bn)
-                    rows.append(row)
-                    advance(1, f"{method} @ {level:g} seed {seed}: delta_m={row['delta_m']:+.2f}")
+    cells = [(seed, level, method) for seed in seeds for level in levels for method in methods]
+    context = _Context(base_model, decomposed, list(tasks), structured, budget_kind, criterion, fusion, normalise,
+                       options, train, test_batches, batch_size, num_batches, recovery, recalibrate_bn, base_sha256,
+                       eval_batches, dense)
+    rows = _run_cells(cells, context, workers, progress)
     config = {
         "tasks": list(tasks), "budgets": levels, "budget_kind": budget_kind if structured else "sparsity",
         "methods": methods, "seeds": list(seeds), "structured": structured, "num_batches": num_batches,
         "batch_size": batch_size, "train_samples": len(train), "test_samples": len(test),
         "recovery": {**_asdict(recovery), "budget": describe_recovery(recovery)}, "criterion": criterion, "fusion": fusion,
         "normalise": normalise, "bn_recalibration": recalibrate_bn, "base_sha256": base_sha256,
-        "seconds": time.perf_counter() - started, "data_seconds": data_seconds,
+        "seconds": time.perf_counter() - started, "data_seconds": data_seconds, "workers": workers,
         "dataset": dataset if isinstance(dataset, str) else type(train_set).__name__,
         "machine": {"cores": os.cpu_count(), "cpu": _cpu_model(), "torch_threads": torch.get_num_threads(),
                     "loadavg_start": load_start, "loadavg_end": _loadavg(), "platform": platform.platform()},
@@ -152,9 +147,88 @@ def run_bench(
     return results
 
 
-def _asdict(recovery: Any) -> dict:
-    import dataclasses
+@dataclass
+class _Context:
+    """Everything a cell needs besides its (seed, budget, method)."""
 
+    base_model: MultiTaskModel
+    decomposed: MultiTaskModel
+    tasks: list[str]
+    structured: bool
+    budget_kind: str
+    criterion: str | None
+    fusion: str | None
+    normalise: str | None
+    options: BudgetOptions | None
+    train: Samples
+    test_batches: list
+    batch_size: int
+    num_batches: int
+    recovery: RecoveryConfig
+    recalibrate_bn: bool
+    base_sha256: str
+    eval_batches: int | None
+    dense: dict
+    seed_cache: dict = field(default_factory=dict)
+
+    def data(self, seed: int) -> SeedData:
+        if seed not in self.seed_cache:
+            self.seed_cache = {seed: seed_data(self.train, seed, self.batch_size, self.num_batches, self.recovery)}
+        return self.seed_cache[seed]
+
+
+_WORKER_CONTEXT: _Context | None = None  # set before forking workers, read by _cell in each worker
+
+
+def _cell(cell: tuple[int, int, float, str]) -> tuple[int, dict[str, Any]]:
+    index, seed, level, method = cell
+    c = _WORKER_CONTEXT
+    data = c.data(seed)
+    torch.manual_seed(seed)
+    if c.structured:
+        row = _structured_row(c.base_model, c.tasks, c.budget_kind, level, method, c.criterion, c.fusion, c.normalise,
+                              data, c.test_batches, seed, c.base_sha256, c.options, c.eval_batches, c.dense,
+                              c.recovery, c.recalibrate_bn)
+    else:
+        row = _unstructured_row(c.decomposed, c.tasks, level, method, data, c.test_batches, seed, c.eval_batches,
+                                c.dense, c.recovery, c.recalibrate_bn)
+    return index, row
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_cells(cells: list[tuple[int, float, str]], context: _Context, workers: int, progress: bool) -> list[dict]:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = context
+    indexed = [(i, *cell) for i, cell in enumerate(cells)]
+    rows: list[dict[str, Any] | None] = [None] * len(cells)
+    try:
+        with progress_bar("benchmark", total=len(cells), enabled=progress) as advance:
+            if workers <= 1:
+                results = map(_cell, indexed)
+                pool = None
+            else:
+                pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
+                results = pool.imap_unordered(_cell, indexed)
+            try:
+                for i, row in results:
+                    rows[i] = row
+                    advance(1, f"{row['method']} @ {row['budget']:g} seed {row['seed']}: delta_m={row['delta_m']:+.2f}")
+            except BaseException:
+                if pool is not None:
+                    pool.terminate()
+                raise
+            if pool is not None:
+                pool.close()
+                pool.join()
+    finally:
+        _WORKER_CONTEXT = None
+    return rows
+
+
+def _asdict(recovery: Any) -> dict:
     return dataclasses.asdict(recovery) if dataclasses.is_dataclass(recovery) else dict(vars(recovery))
 
 

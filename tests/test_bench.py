@@ -31,10 +31,10 @@ def tiny_base():
     return build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=16)).eval()
 
 
-def _bench(data, methods, out, seeds=(0,), budgets=(0.5,), steps=2, structured=True):
+def _bench(data, methods, out, seeds=(0,), budgets=(0.5,), steps=2, structured=True, workers=1):
     return run_bench(tiny_base(), data, TASKS, list(budgets), methods, list(seeds), 0, out, structured=structured,
                      sparsity=0.7, batch_size=4, num_batches=2, options=OPTIONS, progress=False,
-                     recovery=RecoveryConfig(steps=steps, batch_size=4))
+                     recovery=RecoveryConfig(steps=steps, batch_size=4), workers=workers)
 
 
 def _by_cell(results):
@@ -56,6 +56,15 @@ def test_reordering_methods_changes_no_result_bit(data, tmp_path):
         assert row["metrics"] == other["metrics"]
     assert c[("cut", 0.5, 0)]["delta_m"] == a[("cut", 0.5, 0)]["delta_m"]
     assert c[("cut", 0.5, 0)]["metrics"] == a[("cut", 0.5, 0)]["metrics"]
+
+
+def test_worker_processes_give_the_same_bits(data, tmp_path):
+    assert torch.get_num_threads() == 1  # tests/conftest.py: workers run one thread, so must the serial run
+    serial = _bench(data, ["l1", "cut"], tmp_path / "serial", seeds=(0, 1))
+    forked = _bench(data, ["l1", "cut"], tmp_path / "forked", seeds=(0, 1), workers=2)
+    assert [(r["method"], r["seed"]) for r in serial["rows"]] == [(r["method"], r["seed"]) for r in forked["rows"]]
+    for a, b in zip(serial["rows"], forked["rows"], strict=True):
+        assert a["plan_hash"] == b["plan_hash"] and a["delta_m"] == b["delta_m"] and a["metrics"] == b["metrics"]
 
 
 def test_seed_data_is_a_function_of_the_seed(data):
