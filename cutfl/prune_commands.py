@@ -74,11 +74,18 @@ def _recovery(args: argparse.Namespace):
     return RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size or args.batch_size, **lr)
 
 
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from cut.checkpoint import save_model
     from cut.pipeline import Samples, prune, seed_data
     from cut.tasks import parse_task_list
 
+    _threads(args)
     base, card = _load_base(args.model, None)
     tasks = parse_task_list(args.tasks, list(base.config.tasks))
     dataset = args.dataset or card.get("dataset")
@@ -117,6 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cut.bench import expand_methods, run_bench
     from cut.tasks import parse_task_list
 
+    _threads(args)
     model_dir = args.model or Path("runs") / f"pretrained-{args.dataset}"
     base, card = _load_base(model_dir, args.dataset)
     tasks = parse_task_list(args.tasks, list(base.config.tasks)) if args.tasks else base.task_names[:2]
@@ -131,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sparsity=args.budgets if args.unstructured else None, budget_kind=args.budget_kind,
         dataset_kwargs=kwargs, train_samples=args.train_samples, test_samples=args.test_samples,
         batch_size=args.batch_size, num_batches=args.num_batches, criterion=args.criterion, fusion=args.fusion,
-        recovery=_recovery(args), progress=not args.quiet, base_sha256=card["weights_sha256"],
+        recovery=_recovery(args), workers=args.workers, progress=not args.quiet, base_sha256=card["weights_sha256"],
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/delta_m_vs_budget.png",
@@ -155,6 +163,8 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
         p.add_argument("--train-samples", type=int, default=512, help="training samples available for scoring/fine-tune")
         p.add_argument("--test-samples", type=int, default=256, help="test samples to evaluate on")
         p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default 1: on a shared 2-core machine more threads wait on each other)")
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser("prune", help="prune a model for a task subset and budget (one compact model)")
@@ -182,6 +192,8 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
                    help="comma-separated methods (tp-grid: every Torch-Pruning grid point)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="number of seeds (N -> 0..N-1) or a list")
     p.add_argument("--unstructured", action="store_true", help="per-weight masks; --budgets are then sparsities")
+    p.add_argument("--workers", type=int, default=1,
+                   help="cells run in this many processes of --threads threads each (results are the same bits)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
     common(p)
     p.set_defaults(func=cmd_bench)
