@@ -51,6 +51,24 @@ def pooled_scores(base: BaseModel, devices: list, scenario: Scenario) -> dict:
     return per_task
 
 
+def device_deltas(base: BaseModel, book: PlanBook, plans: dict[str, str], devices: list, settings) -> dict[str, float]:
+    """device id -> delta_m of its plan's current weights, measured as the device measures it: BatchNorm
+    re-estimated on its samples if the scenario says so, dense and compact on its held-out samples."""
+    adoption = settings.device
+    out = {}
+    for d in devices:
+        tasks = list(base.canonical(d.tasks))
+        data = local_data(d)
+        model = book.model(plans[d.device_id])
+        if adoption.recalibrate_bn:
+            batches = take_batches(make_loader(data.train, adoption.bn_batch_size), adoption.bn_batches)
+            model = recalibrate_batchnorm(copy.deepcopy(model), batches)
+        loader = make_loader(data.eval, settings.evaluation.batch_size)
+        dense = evaluate(base.decomposed(tuple(tasks)), loader, tasks)
+        out[d.device_id] = multitask_delta(base.model, evaluate(model, loader, tasks), dense)
+    return out
+
+
 def run_oracle(scenario: Scenario, report: dict[str, Any]) -> dict[str, Any]:
     """Per device of the federation's report that completed: the oracle's delta_m and the federation's gap."""
     settings = scenario.settings
@@ -70,20 +88,10 @@ def run_oracle(scenario: Scenario, report: dict[str, Any]) -> dict[str, Any]:
         book.build(plan)
         plans[d.device_id] = plan.plan_hash
     recovery = recover_plans(book, base, settings.recovery)
-    adoption = settings.device
+    deltas = device_deltas(base, book, plans, devices, settings)
     out = []
     for d in devices:
-        tasks = list(base.canonical(d.tasks))
-        data = local_data(d)
-        build = book.builds[plans[d.device_id]]
-        model = book.model(build.plan.plan_hash)
-        if adoption.recalibrate_bn:
-            batches = take_batches(make_loader(data.train, adoption.bn_batch_size), adoption.bn_batches)
-            model = recalibrate_batchnorm(copy.deepcopy(model), batches)
-        loader = make_loader(data.eval, settings.evaluation.batch_size)
-        dense = evaluate(base.decomposed(tuple(tasks)), loader, tasks)
-        compact = evaluate(model, loader, tasks)
-        delta = multitask_delta(base.model, compact, dense)
+        delta = deltas[d.device_id]
         fed = ok[d.device_id].get("delta_m")
         out.append({"device_id": d.device_id, "delta_m_oracle": delta, "delta_m_federation": fed,
                     "gap": None if fed is None else fed - delta, "same_plan": plans[d.device_id] ==
@@ -95,4 +103,4 @@ def run_oracle(scenario: Scenario, report: dict[str, Any]) -> dict[str, Any]:
             "same_plans": sum(o["same_plan"] for o in out)}
 
 
-__all__ = ["pooled_scores", "run_oracle"]
+__all__ = ["device_deltas", "pooled_scores", "run_oracle"]

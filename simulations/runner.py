@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cut.checkpoint import read_card
+from cut.checkpoint import load_model
 from server.settings import Settings
 from simulations.scenario import load_scenario, resolve
 
@@ -66,7 +66,8 @@ def run_scenario(
     scenario = load_scenario(path_or_name, devices=devices, out_dir=out_dir, base_model_dir=base_model_dir,
                              **(scoring or {}))
     ensure_base_model(scenario.settings, may_pretrain=base_model_dir is None)
-    scenario = resolve(scenario, read_card(scenario.settings.base_model_dir))
+    _, card = load_model(scenario.settings.base_model_dir)  # a damaged model fails here, before Ray starts
+    scenario = resolve(scenario, card)
     settings = replace(scenario.settings, resume=resume)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
