@@ -140,7 +140,8 @@ def deployment(tmp_path_factory):
         state = {
             "run": run, "result": result, "logs": logs, "failed": failed, "node_ids": node_ids, "stores": stores,
             "root": root,
-            "intruder_code": intruder.popen.poll(), "intruder_log": intruder.tail(40),
+            # the whole log: how many retry lines its SuperExec writes after the refusal depends on timing
+            "intruder_code": intruder.popen.poll(), "intruder_log": intruder.log.read_text(errors="replace"),
             "alive": {p.name: p.alive() for p in fed.processes},
             "tails": {p.name: p.tail(30) for p in fed.processes},
         }
@@ -194,8 +195,8 @@ def test_cutfl_run_fails_when_the_run_fails(deployment):
 @pytest.mark.slow
 def test_an_unregistered_supernode_is_refused(deployment):
     code, log = deployment["intruder_code"], deployment["intruder_log"]
-    assert code not in (None, 0), f"the unregistered SuperNode is still running or exited 0:\n{log}"
-    assert "Failed to activate SuperNode" in log, log
+    assert code not in (None, 0), f"the unregistered SuperNode is still running or exited 0:\n{log[-4000:]}"
+    assert "Failed to activate SuperNode" in log, log[-4000:]
     # The SuperLink refused it for its key, not for some other reason.
     assert "No SuperNode found with the given public key" in deployment["superlink_log"]
 
