@@ -257,7 +257,7 @@ def _entry(tasks, status="ok"):
             "bytes_up_scores": 100, "report_source": "live", "scores_to_dense_bytes": 0.001,
             "uplink_to_dense_bytes": 0.002, "bytes_up": 200,
             "bytes_down": 300, "device_id": "d" + "".join(tasks), "device_class": "c", "reason": "",
-            "dp_epsilon": None}
+            "dp_epsilon": None, "metrics_dense": {}, "metrics_compact": {}, "eval_samples": 0}
 
 
 def test_report_summary_and_markdown_carry_the_privacy_fields():

@@ -189,16 +189,20 @@ def test_write_report_files(tmp_path):
     assert ("Status **ok**: 3 of 5 devices completed (1 rejected, 1 failed); 3 task subsets, 3 distinct plans, "
             "3 compact models built; all within budget: True.") in lines
     assert "Aggregation: weighted-mean." in lines and "Privacy: none" in text
-    header = "| device | class | tasks | budget | status | params | MACs | delta_m | one-shot | up (scores) | down | reason |"
+    header = ("| device | class | tasks | budget | status | params (x dense) | MACs (x dense) | delta_m | as delivered "
+              "| eval samples | bytes up | bytes down | reason |")
     rows = lines[lines.index(header) + 2:lines.index(header) + 7]
     assert rows == [
-        "| device-0001 | phone | seg,depth | params 0.50 | ok | 0.400 | 0.300 | -10.00 | -22.50 | 100 | 2000 |  |",
-        "| device-0002 | board | normals | params 0.70 | ok | 0.700 | 0.556 | 10.00 | -10.00 | 50 | 900 |  |",
-        "| device-0003 | phone | seg | macs 0.40 | ok | 0.450 | 0.390 | -5.00 | -10.00 | 40 | 700 |  |",
+        "| device-0001 | phone | seg,depth | params 0.50 | ok | 0.400 | 0.300 | -10.00 | -22.50 | 12 | 300 | 2000 |  |",
+        "| device-0002 | board | normals | params 0.70 | ok | 0.700 | 0.556 | 10.00 | -10.00 | 0 | 150 | 900 |  |",
+        "| device-0003 | phone | seg | macs 0.40 | ok | 0.450 | 0.390 | -5.00 | -10.00 | 0 | 120 | 700 |  |",
         # a '|' in a reason would break the table: it is written as '/'
-        "| device-0004 | phone | seg | params 0.50 | rejected | - | - | - | - | 0 | 10 | "
+        "| device-0004 | phone | seg | params 0.50 | rejected | - | - | - | - | 0 | 80 | 10 | "
         "score: ImportanceReport: scores contain NaN / inf |",
-        "| node-5 |  |  |  - | failed | - | - | - | - | 0 | 0 | profile: no reply within 30 s |",
+        "| node-5 |  |  |  - | failed | - | - | - | - | 0 | 0 | 0 | profile: no reply within 30 s |",
     ]
+    metrics = lines[lines.index("| device | seg | depth | normals |") + 2:]
+    assert metrics[:4] == ["| device-0001 | 50 -> 45 | 0.2 -> 0.22 | - |", "| device-0002 | - | - | 30 -> 27 |",
+                           "| device-0003 | 50 -> 47.5 | - | - |", ""]  # only devices that were evaluated
     assert any(line.startswith("delta_m (") and "mean -1.67" in line and "min -10.00, max 10.00" in line
                for line in lines), text
