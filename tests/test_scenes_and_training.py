@@ -1,6 +1,5 @@
 """The embedded `scenes` dataset, checkpoints and the training loop."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -8,7 +7,7 @@ from cut.checkpoint import NotAModelDir, load_model, save_model
 from cut.data import get_dataset
 from cut.data.scenes import CLASS_NAMES, Scenes
 from cut.models import ModelConfig, build_model
-from cut.train import evaluate, finetune, make_loader, pretrain
+from cut.train import evaluate, make_loader, pretrain
 
 
 def test_scenes_are_deterministic_by_seed_and_differ_across_seeds_and_splits():
@@ -68,7 +67,7 @@ def test_checkpoint_round_trip_and_tamper_detection(tmp_path):
         load_model(tmp_path / "missing")
 
 
-def test_short_training_beats_initialisation_and_finetune_distils():
+def test_short_training_beats_initialisation():
     torch.manual_seed(0)
     train = Scenes("train", num_samples=64, size=32)
     test = Scenes("test", num_samples=32, size=32)
@@ -79,6 +78,4 @@ def test_short_training_beats_initialisation_and_finetune_distils():
     after = result["metrics"]
     assert after["depth"]["abs_err"] < before["depth"]["abs_err"]
     assert after["normals"]["mean_angle"] < before["normals"]["mean_angle"]
-    student = build_model(model.config.with_tasks(["depth"]))
-    finetune(student, model, loader, steps=3, progress=False)
-    assert np.isfinite(evaluate(student, make_loader(test, 16))["depth"]["abs_err"])
+    # distillation is tested where it can fail: test_federation.py (finetune) and test_recovery.py

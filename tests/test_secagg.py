@@ -110,7 +110,7 @@ def plain_reports(secure_run):
         data = local_data(device)
         model = base.model.decompose(list(tasks)).eval()
         seed = settings.seed * 100_003 + device.partition_id
-        scores = privatise(mean_one(local_scores(model, data, request, seed)), request.privacy, seed)
+        scores = privatise(mean_one(local_scores(model, data, request, seed)), request.privacy)
         used = min(s.num_batches * s.batch_size, data.num_train)
         reports[device.device_id] = (scores, {t: float(min(used, data.num_train)) for t in scores})
     return reports
