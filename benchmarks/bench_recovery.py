@@ -10,7 +10,8 @@ recovers all these compact models together with `recover_many`, the full base mo
 fixed list of batches drawn from the card's training data (the server's pre-training data), and each model
 is evaluated on the card's test split against its dense decomposed model. Seconds per model are its own
 updates plus an equal share of the teacher passes. Results merge into the JSON by recipe name, so recipes
-can be run in pieces; a markdown table of everything in the JSON is printed at the end.
+can be run in pieces; a markdown table of everything in the JSON is printed at the end. Recipes are named
+by what they change (see `recipe`), e.g. kd_300_lr1e-3_task0.5_at1.
 """
 
 from __future__ import annotations
@@ -35,30 +36,38 @@ from cut.pipeline import prune  # noqa: E402
 from cut.recovery import RecoveryConfig, recover_many, recovery_batches  # noqa: E402
 from cut.train import evaluate, make_loader, multitask_delta  # noqa: E402
 
-# name -> recipe. "base" is the reference; the others change one thing (or two, where named).
-CONFIGS: dict[str, RecoveryConfig] = {
-    "none": RecoveryConfig(steps=0),
-    "kd-100": RecoveryConfig(steps=100, lr=3e-3),
-    "kd-300": RecoveryConfig(steps=300, lr=3e-3),
-    "kd-1000": RecoveryConfig(steps=1000, lr=3e-3),
-    "kd-100-lr1e-3": RecoveryConfig(steps=100, lr=1e-3),
-    "kd-300-lr1e-3": RecoveryConfig(steps=300, lr=1e-3),
-    "kd+at-100": RecoveryConfig(steps=100, lr=3e-3, feature_weight=1.0),
-    "kd+at10-100": RecoveryConfig(steps=100, lr=3e-3, feature_weight=10.0),
-    "kd+at-300": RecoveryConfig(steps=300, lr=3e-3, feature_weight=1.0),
-    "kd+task-100": RecoveryConfig(steps=100, lr=3e-3, distill_weight=0.5),
-    "kd+task-300": RecoveryConfig(steps=300, lr=3e-3, distill_weight=0.5),
-    "kd-100-nowarmup": RecoveryConfig(steps=100, lr=3e-3, warmup_fraction=0.0),
-    "kd-100-frozenbn": RecoveryConfig(steps=100, lr=3e-3, freeze_bn=True),
-    "kd-100-b16": RecoveryConfig(steps=100, batch_size=16, lr=3e-3),
-    "kd-100-headres": RecoveryConfig(steps=100, lr=3e-3, head_resolution=True),
-}
+# A recipe is named by its changes from RecoveryConfig's field values written here: "kd_STEPS" then any of
+# lrX, atW (feature_weight), taskW (1 - distill_weight: the task loss' share), bN (batch size), warmF,
+# frozenbn, headres, wdX. "none" is no recovery. E.g. kd_300_lr1e-3_task0.5_at1.
+RECIPE_BASE = dict(lr=3e-3, distill_weight=1.0, feature_weight=0.0, batch_size=32, warmup_fraction=0.1)
+
+
+def recipe(name: str) -> RecoveryConfig:
+    """The RecoveryConfig a recipe name stands for."""
+    if name == "none":
+        return RecoveryConfig(steps=0)
+    head, steps, *mods = name.split("_")
+    if head != "kd":
+        raise ValueError(f"recipe {name!r} must start with kd_STEPS")
+    fields = dict(RECIPE_BASE, steps=int(steps))
+    for mod in mods:
+        for prefix, key, conv in (("lr", "lr", float), ("at", "feature_weight", float), ("task", "distill_weight",
+                                  lambda v: 1.0 - float(v)), ("b", "batch_size", int), ("warm", "warmup_fraction",
+                                  float), ("wd", "weight_decay", float)):
+            if mod.startswith(prefix) and mod[len(prefix):][:1].isdigit():
+                fields[key] = conv(mod[len(prefix):])
+                break
+        else:
+            if mod not in ("frozenbn", "headres"):
+                raise ValueError(f"recipe {name!r}: unknown part {mod!r}")
+            fields["freeze_bn" if mod == "frozenbn" else "head_resolution"] = True
+    return RecoveryConfig(**fields)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/pretrained-scenes")
-    p.add_argument("--configs", default="none,kd-100,kd-300", help=f"comma-separated, of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default="none,kd_100,kd_300", help="comma-separated recipe names (see recipe())")
     p.add_argument("--budgets", default="0.3,0.5,0.7")
     p.add_argument("--tasks", default="seg,depth/seg,depth,normals", help="task sets separated by /")
     p.add_argument("--pool", type=int, default=2048, help="distinct training samples the recovery batches hold")
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
                         "test_samples": test_kwargs["num_samples"], "seed": args.seed, "budgets": budgets,
                         "task_sets": [",".join(ts) for ts in task_sets], "dense": dense}
     for cname in args.configs.split(","):
-        config = CONFIGS[cname]
+        config = recipe(cname)
         if config.batch_size not in pools:
             pools[config.batch_size] = cached(
                 cache / f"pool-{key}-b{config.batch_size}.pt",
