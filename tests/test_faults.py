@@ -28,9 +28,10 @@ def test_thirty_percent_dropping_out_mid_flow_are_excluded_and_the_rest_complete
     from simulations.runner import run_scenario
 
     devices = {pid: {"tasks": ["seg", "depth"] if pid % 2 else ["normals"]} for pid in range(10)}
+    # The score deadline leaves honest devices room on a loaded machine; the slow one answers long after it.
     for pid, (kind, _, _) in DROPOUTS.items():
-        devices[pid].update(misbehave=kind, slow_seconds=12.0)
-    scenario = scenario_file(tmp_path, base_dir, devices=devices, timeouts="score = 8\n")
+        devices[pid].update(misbehave=kind, slow_seconds=50.0)
+    scenario = scenario_file(tmp_path, base_dir, devices=devices, timeouts="score = 30\n")
     summary = run_scenario(scenario, out_dir=tmp_path / "out")
     report = {d["device_id"]: d for d in json.loads((tmp_path / "out" / "report.json").read_text())["devices"]}
     assert summary["status"] == "ok"
