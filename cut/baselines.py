@@ -181,8 +181,8 @@ TP_GRID: tuple[TPConfig, ...] = tuple(
     for early in (True, False)
     for steps in (1, 100)
 )
-# The configuration `tp` runs: the best of TP_GRID on tuning seed 100 (not a reported seed), see
-# cut.methods' docstring for the measurement.
+# The configuration `tp` runs: the best of TP_GRID on tuning seed 100 (not a reported seed) at every params
+# budget 0.3 / 0.5 / 0.7, before and after recovery; cut.methods' docstring has the measurement.
 TP_CHOICE = TPConfig("magnitude", 0.75, True, 1)
 
 

@@ -22,13 +22,24 @@ Baselines (as published, made structured as `cut.baselines` explains; sources th
 | `disparse` | per-task saliency, per-task top-q, union arbiter, q bisected to the budget (Sun et al. 2022) |
 | `tp` (alias `torch-pruning`) | Torch-Pruning's MetaPruner, global pruning, its best configuration of the grid below |
 
-Torch-Pruning's grid (`cut.baselines.TP_GRID`, each point also a method `tp-...`): importance
-{`GroupMagnitudeImportance(p=2)`, `GroupTaylorImportance`} x max_pruning_ratio {0.75, 1.0} x ignored
-early layers {stem + first stage, none (classifiers only)} x iterative steps {1 (ratio bisected to the
-budget), 100 (its benchmarks' prune-to-target loop)}. The choice (`cut.baselines.TP_CHOICE`) is the
-configuration with the best mean delta_m over params budgets 0.3 / 0.5 / 0.7 on tuning seed 100, which
-is not a reported seed (BENCHMARKS.md, "Torch-Pruning's configuration"):
-`tp-l2-max0.75-early-oneshot`.
+Torch-Pruning's grid (`cut.baselines.TP_GRID`, 16 points, each also a method `tp-...`), from the
+settings its own benchmarks and examples use: importance {`GroupMagnitudeImportance(p=2)`,
+`GroupTaylorImportance`} x max_pruning_ratio {0.75, 1.0} x ignored early layers {stem + first stage,
+none (head classifiers only)} x iterative steps {1 (one shot, channel ratio bisected to the budget), 100
+(its benchmarks' prune-to-target loop)}. Chosen on tuning seed 100, which is no reported seed (scenes,
+seg+depth, params budgets 0.3 / 0.5 / 0.7, runs/tp-tuning-stage1 and -stage2):
+
+1. all 16 without recovery. max_pruning_ratio 0.75 and 1.0 gave the same one-shot plans (no group
+   reaches the cap at these budgets; the 100-step loop differed by < 1 point); the 100-step loop was worse than one shot everywhere (l2/early: -431 / -201 /
+   -49 against -80 / -47 / -33); the four one-shot configurations ranked l2/early (mean -53.6),
+   taylor/early (-78.0), l2/all (-91.3), taylor/all (-126.8).
+2. those four with the bench's recovery (100 steps x 32, lr 1e-3, half task loss half distillation):
+   l2/early -9.06 / -3.30 / -2.12 (mean -4.83), taylor/early -12.43 / -7.36 / -3.11, l2/all -20.57 /
+   -16.43 / -2.83, taylor/all -32.61 / -22.91 / -4.55.
+
+So `tp` = `tp-l2-max0.75-early-oneshot` (`cut.baselines.TP_CHOICE`), best at every budget in both stages.
+The old `taylor-tp` (Taylor, no protected layers, no cap, one shot) is the grid point
+`tp-taylor-max1-all-oneshot` (alias `taylor-tp`).
 
 Ablations of CUT's parts (never baselines; each changes one thing of `cut`, or reproduces an earlier,
 planner-based comparison):
