@@ -103,7 +103,7 @@ class RecoverySettings(Section):
     data: str = Field("pretrain", description="'pretrain' (the base model's pre-training split, from its card) "
                                                "or a directory of unlabelled PNG/JPG images")
     samples: int = Field(512, ge=1, description="how many of those samples are used")
-    steps: int = Field(150, ge=0, description="optimiser steps per plan (0 = deliver the pruned model as is)")
+    steps: int = Field(300, ge=0, description="optimiser steps per plan (0 = deliver the pruned model as is)")
     batch_size: int = Field(RecoveryConfig.batch_size, ge=1)
     lr: float = Field(RecoveryConfig.lr, gt=0)
     warmup_fraction: float = Field(RecoveryConfig.warmup_fraction, ge=0, le=1)
