@@ -1,5 +1,7 @@
 """The messages between server and devices as plain dataclasses, and the rules they must obey.
 
+One file for the five contract messages and their validation rules (about 480 lines), read as a unit.
+
 cut's code works with these dataclasses; only cut/wire.py turns them into protobuf bytes and named
 arrays. Every rule of the contract lives here, so an inbound message is checked the same way on the
 server and on a device, and a bad one is rejected with a `ValidationError` that names the problem

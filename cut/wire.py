@@ -1,5 +1,8 @@
 """The one place that converts cut's message dataclasses to and from protobuf bytes and named arrays.
 
+Long (about 550 lines) on purpose: every message's encoder, decoder and limits sit together, so the
+contract is checked in one file.
+
 Everything else in cut/, server/ and client/ works with cut.messages and cut.plan dataclasses. Large
 numeric payloads never go inside protobuf: score vectors travel as a dict of numpy arrays keyed
 "<task>/<group name>" (server/client code wraps it in a Flower ArrayRecord; this module never imports

@@ -1,5 +1,8 @@
 """The federation, as the server runs it (Flower ServerApp, Message API with a Grid).
 
+One file on purpose (about 480 lines): the federation reads top to bottom as one script, and each phase's
+messages are built and read next to each other.
+
     profile   query.profile  -> each device's TaskProfile (tasks, budget, samples)
     score     query.score    -> each device's ImportanceReport for its tasks, on its private data
     aggregate                   per task, across the devices that hold it (weighted by samples used;

@@ -1,5 +1,7 @@
 """The federation end to end on Flower's simulation engine, plus the pieces it is made of.
 
+Long because one module-scoped federation run serves many assertions (a run costs minutes).
+
 The simulations use a tiny untrained model (width 0.125, 32x32 inputs) so they need no pre-training:
 what is checked is the protocol (every device gets a model with exactly its heads, within its budget,
 and reports metrics; misbehaving devices are excluded with their reason while the others complete), not

@@ -7,6 +7,8 @@ and the reply readers (report_parts + decode_device_report, check_holding, _task
 record_arrays / metric_value / read_metrics, check_update). Device side: decode_request, the delivery
 checks (store.accept_spec / receive / rebuild, wire.verify_weights) and the profile query's data spec. Flower
 records are built here directly; no Flower app runs (a reply is anything with a `.content`).
+
+Long because every inbound path has its own strategy and oracle.
 """
 
 from __future__ import annotations

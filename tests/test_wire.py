@@ -1,4 +1,7 @@
-"""The server <-> device contract: protobuf round-trips and every validation rule."""
+"""The server <-> device contract: protobuf round-trips and every validation rule.
+
+Long because it has one test per rule of the contract.
+"""
 
 from __future__ import annotations
 

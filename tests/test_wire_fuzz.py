@@ -5,6 +5,8 @@ malformed message; the federation rejects it with a reason and goes on. Rejectin
 valid input must be accepted. Where the fuzzed input's validity can be told independently (edited profiles
 and requests, report arrays), an oracle written from the contract's rules says whether it must be accepted
 or rejected; every accepted message must round-trip through its encoder unchanged.
+
+Long because every inbound path has its own strategy and oracle.
 """
 
 from __future__ import annotations
