@@ -16,8 +16,8 @@ Baselines (as published, made structured as `cut.baselines` explains; sources th
 
 | name | what it is |
 |---|---|
-| `random` | uniform per-layer ratio to the budget, random channels within each group |
-| `l1` (alias `magnitude`) | uniform per-layer ratio to the budget, largest-L1 filters kept within each group (Li et al. 2017) |
+| `random` | uniform per-layer ratio to the budget (exact counts), random channels within each group |
+| `l1` (alias `magnitude`) | uniform per-layer ratio to the budget (exact counts), largest-L1 filters kept within each group (Li et al. 2017) |
 | `snip` | summed-loss channel saliency sum abs(w * dL/dw), one global ranking to the budget (Lee et al. 2019) |
 | `disparse` | per-task saliency, per-task top-q, union arbiter, q bisected to the budget (Sun et al. 2022) |
 | `tp` (alias `torch-pruning`) | Torch-Pruning's MetaPruner, global pruning, its best configuration of the grid below |
