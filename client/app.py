@@ -260,11 +260,7 @@ class Handlers:
 
     def finetune_round(self, msg: Message, context: Context) -> Message:
         """K steps of task loss + distillation from my dense base, on my data; reply with the weights."""
-        device = self.device(context)
-        self.hooks.before("finetune", device)
-        record = config_of(msg.content, CONFIG)
-        cfg, adoption = FinetuneConfig.from_record(record), Adoption.from_record(record)
-        stored = _adopt_sent_weights(msg, device, adoption, cfg.weights_sha256)
+        device, cfg, stored = self._holding_phase(msg, context, "finetune", FinetuneConfig)
         data = local_data(device)
         student = copy.deepcopy(store.load(stored))
         teacher = _dense(device)
@@ -278,13 +274,18 @@ class Handlers:
                               METRICS: MetricRecord({"num_examples": int(data.num_train)})})
         return Message(content, reply_to=msg)
 
+    def _holding_phase(self, msg: Message, context: Context, phase: str, config_class):
+        """A phase on the model I hold: who I am, the phase's config, and my model after adopting any
+        weights the server sent with it (a FedAvg result)."""
+        device = self.device(context)
+        self.hooks.before(phase, device)
+        record = config_of(msg.content, CONFIG)
+        cfg, adoption = config_class.from_record(record), Adoption.from_record(record)
+        return device, cfg, _adopt_sent_weights(msg, device, adoption, cfg.weights_sha256)
+
     def evaluate_models(self, msg: Message, context: Context) -> Message:
         """Dense vs compact on my held-out samples, per task, plus both models' parameters and MACs."""
-        device = self.device(context)
-        self.hooks.before("evaluate", device)
-        record = config_of(msg.content, CONFIG)
-        cfg, adoption = EvaluateConfig.from_record(record), Adoption.from_record(record)
-        stored = _adopt_sent_weights(msg, device, adoption, cfg.weights_sha256)
+        device, cfg, stored = self._holding_phase(msg, context, "evaluate", EvaluateConfig)
         compact = store.load(stored)
         dense = _dense(device)
         data = local_data(device)

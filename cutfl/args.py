@@ -20,18 +20,23 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def budget_fraction(text: str) -> float:
+    """A budget's value: a number in (0, 1]."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget value {text!r} is not a number") from None
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"budget {fraction} is outside (0, 1]")
+    return fraction
+
+
 def parse_budget(text: str) -> tuple[str, float]:
     """'params=0.5' or '0.5' -> ('params', 0.5); the value must lie in (0, 1]."""
     kind, _, value = text.rpartition("=") if "=" in text else ("params", "", text)
     if kind not in ("params", "macs"):
         raise argparse.ArgumentTypeError(f"budget kind {kind!r} is not 'params' or 'macs'")
-    try:
-        fraction = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget value {value!r} is not a number") from None
-    if not 0 < fraction <= 1:
-        raise argparse.ArgumentTypeError(f"budget {fraction} is outside (0, 1]")
-    return kind, fraction
+    return kind, budget_fraction(value)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cutfl.args import parse_budget
+from cutfl.args import budget_fraction, parse_budget
 
 
 def _csv(text: str) -> list[str]:
@@ -18,16 +18,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _fractions(text: str) -> list[float]:
-    out = []
-    for item in _csv(text):
-        try:
-            value = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"budget {value} is outside (0, 1]")
-        out.append(value)
-    return out
+    return [budget_fraction(item) for item in _csv(text)]
 
 
 def _seeds(text: str) -> list[int]:

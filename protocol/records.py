@@ -85,18 +85,24 @@ def arrays_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.require(value, requirements="C")) for name, value in arrays.items()})
 
 
+def _check_record(record: Any, kind: type, where: str, noun: str, most: int) -> None:
+    """A record of `kind` holding at most `most` entries, or a ValidationError naming what is wrong."""
+    if record is None:
+        raise ValidationError(f"{where}: missing {noun} record")
+    if not isinstance(record, kind):
+        raise ValidationError(f"{where}: expected a{'n' if noun == 'array' else ''} {kind.__name__}, "
+                              f"got {type(record).__name__}")
+    if len(record) > most:
+        raise ValidationError(f"{where}: {len(record)} {noun}s (max {most})")
+
+
 def record_arrays(record: ArrayRecord | None, where: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """ArrayRecord -> named numpy arrays, bounded in count and bytes; anything odd is a ValidationError.
 
     `limits.max_array_bytes` bounds the arrays' data (as their npy headers declare it, checked against the
     bytes present) before any is parsed; pass limits tightened to what is expected (cut.wire.report_limits,
     cut.wire.arrays_limits) to refuse an oversized upload before reading it."""
-    if record is None:
-        raise ValidationError(f"{where}: missing array record")
-    if not isinstance(record, ArrayRecord):
-        raise ValidationError(f"{where}: expected an ArrayRecord, got {type(record).__name__}")
-    if len(record) > limits.max_arrays:
-        raise ValidationError(f"{where}: {len(record)} arrays (max {limits.max_arrays})")
+    _check_record(record, ArrayRecord, where, "array", limits.max_arrays)
     total = 0
     for name, array in record.items():
         if not isinstance(name, str) or not name or len(name) > 2 * limits.max_name_len:
@@ -165,12 +171,7 @@ def read_metrics(record: MetricRecord | None, prefix: str, where: str = "metrics
     """Flat metric keys under `prefix` -> {task: {metric: value}}; values must be real numbers (NaN and inf
     are kept: a metric over no valid pixel is NaN, and the report writes it as null). At most
     `limits.max_metrics` entries; task and metric names are printable names of bounded length."""
-    if record is None:
-        raise ValidationError(f"{where}: missing metric record")
-    if not isinstance(record, MetricRecord):
-        raise ValidationError(f"{where}: expected a MetricRecord, got {type(record).__name__}")
-    if len(record) > limits.max_metrics:
-        raise ValidationError(f"{where}: {len(record)} metrics (max {limits.max_metrics})")
+    _check_record(record, MetricRecord, where, "metric", limits.max_metrics)
     out: dict[str, dict[str, float]] = {}
     for key, value in record.items():
         head, _, rest = key.partition("/")
