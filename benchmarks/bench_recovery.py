@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default="seg,depth/seg,depth,normals", help="task sets separated by /")
     p.add_argument("--pool", type=int, default=2048, help="distinct training samples the recovery batches hold")
     p.add_argument("--test-samples", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="scoring batches, recovery batches and their order; runs of seed > 0 are stored as NAME@seedN")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="/tmp/bench_recovery_cache", help="rendered batches are kept here")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
                           "loadavg_start": os.getloadavg()[0]}
     results["setup"] = {"model": args.model, "weights_sha256": card["weights_sha256"], "pool": args.pool,
-                        "test_samples": test_kwargs["num_samples"], "seed": args.seed, "budgets": budgets,
+                        "test_samples": test_kwargs["num_samples"], "budgets": budgets,
                         "task_sets": [",".join(ts) for ts in task_sets], "dense": dense}
     for cname in args.configs.split(","):
         config = recipe(cname)
@@ -146,8 +147,10 @@ def main(argv=None) -> int:
             s = {x: v for x, v in stats[k].items() if x != "lr"}
             rows[k] = {"delta_m": multitask_delta(model, metrics, dense[",".join(tasks)]), "metrics": metrics,
                        "params_ratio": ratio, **s}
-        results["runs"][cname] = {"config": asdict(config), "budget": config.budget(), "wall_seconds": wall,
-                                  "students": len(students), "loadavg": os.getloadavg()[0], "rows": rows}
+        run_name = cname if args.seed == 0 else f"{cname}@seed{args.seed}"
+        results["runs"][run_name] = {"config": asdict(config), "budget": config.budget(), "wall_seconds": wall,
+                                     "seed": args.seed, "students": len(students), "loadavg": os.getloadavg()[0],
+                                     "rows": rows}
         print(f"{cname}: " + " ".join(f"{k} {r['delta_m']:+.2f}" for k, r in rows.items())
               + f" ({wall:.0f} s for {len(students)} models)", file=sys.stderr)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
 
 def markdown(results: dict) -> str:
     runs = results["runs"]
-    cols = list(next(iter(runs.values()))["rows"]) if runs else []
+    setup = results["setup"]
+    cols = [f"{ts}@{b:g}" for ts in setup["task_sets"] for b in setup["budgets"]]
     lines = [
         f"Recovery of CUT-pruned models (params budgets), {results['machine']['cpu']}, "
         f"{results['machine']['threads']} torch thread(s); pool {results['setup']['pool']} training samples, "
@@ -169,13 +173,29 @@ def markdown(results: dict) -> str:
         "| recipe | budget | " + " | ".join(cols) + " | s/model | CPU s/model |",
         "|---|---|" + "---|" * (len(cols) + 2),
     ]
-    for name, run in runs.items():
-        rows = run["rows"]
+    order = sorted(runs, key=lambda n: (runs[n]["config"]["steps"], runs[n].get("seed", 0), n))
+    for name in order:
+        rows = runs[name]["rows"]
         secs = sum(r["seconds"] for r in rows.values()) / max(1, len(rows))
         cpu = sum(r.get("cpu_seconds") or 0.0 for r in rows.values()) / max(1, len(rows))
-        lines.append(f"| {name} | {run['budget']} | "
+        lines.append(f"| {name} | {runs[name]['budget']} | "
                      + " | ".join(f"{rows[c]['delta_m']:+.2f}" if c in rows else "-" for c in cols)
                      + f" | {secs:.0f} | {cpu:.0f} |")
+    seeded: dict[str, list[dict]] = {}
+    for name in order:
+        seeded.setdefault(name.split("@")[0], []).append(runs[name]["rows"])
+    seeded = {k: v for k, v in seeded.items() if len(v) > 1}
+    if seeded:
+        lines += ["", "Recipes run with several seeds: mean +- sample std of delta_m.", "",
+                  "| recipe | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for name, all_rows in seeded.items():
+            cells = []
+            for c in cols:
+                vals = [rows[c]["delta_m"] for rows in all_rows if c in rows]
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+                cells.append(f"{mean:+.2f} ± {std:.2f}")
+            lines.append(f"| {name} | {len(all_rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
