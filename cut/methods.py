@@ -46,7 +46,7 @@ planner-based comparison):
 
 | name | what changes |
 |---|---|
-| `cut-uniform-planner` | the fused scores kept at a uniform per-layer ratio (no cost-aware global planner) |
+| `cut-uniform-planner` | the fused scores kept at a uniform per-layer ratio, exact counts as `l1` (no cost-aware global planner) |
 | `cut-no-cost-aware` | global ranking by fused score alone (`BudgetOptions.cost_aware=False`) |
 | `cut-no-normalise` | raw task scores fused (no per-task normalisation) |
 | `cut-layer-normalise` | per-(task, layer) mean normalisation instead of per-task |
@@ -200,6 +200,8 @@ def _plan_recipe(name: str, recipe: Recipe, request: PlanRequest) -> PlanResult:
 
         keep_fraction = uniform_keep_fraction(analysis, request.budget_kind, request.budget_value)
     options = request.options if recipe.cost_aware else dataclasses.replace(request.options, cost_aware=False)
+    if recipe.allocation == "uniform":  # the same exact-ratio counts as the uniform baselines
+        options = baselines.uniform_options(options)
     plan = plan_from_scores(
         per_task, analysis, request.budget_kind, request.budget_value, options=options,
         priorities=request.priorities, normalise=recipe.normalise, rule=rule, keep_fraction=keep_fraction,
