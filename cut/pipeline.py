@@ -55,6 +55,8 @@ def describe_recovery(config: RecoveryConfig) -> str:
         parts.append(f"weight decay {config.weight_decay:g}")
     if getattr(config, "freeze_bn", False):
         parts.append("BatchNorm frozen")
+    if getattr(config, "head_resolution", False):
+        parts.append("heads distilled before upsampling")
     return ", ".join(parts)
 
 

@@ -149,8 +149,9 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
                        help="recovery steps after pruning, the same for every method: task losses + distillation "
                             "from the dense model (0: none; --finetune-steps is an alias)")
         p.add_argument("--recovery-batch-size", type=int, help="recovery batch size (default: --batch-size)")
-        # lr 1e-3 with half task loss, half distillation: the best of {3e-3, 1e-3} x {distillation only,
-        # half and half} at 100 steps x 32 for cut, disparse and tp on tuning seed 100 (params 0.5).
+        # lr 1e-3 with half task loss, half distillation (also cut.recovery's defaults): the best of {3e-3,
+        # 1e-3} x {distillation only, half and half} at 100 steps x 32 for cut, disparse and tp on tuning
+        # seed 100 (params 0.5). Attention transfer and the rest follow cut.recovery.RecoveryConfig.
         p.add_argument("--recovery-lr", type=float, default=1e-3, help="recovery peak learning rate (AdamW, 10%% "
                                                                         "warm-up + cosine)")
         p.add_argument("--recovery-distill", type=float, default=0.5,
