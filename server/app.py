@@ -64,6 +64,7 @@ from protocol.records import (
 )
 from server.aggregate import aggregate, check_update, fedavg, personalise
 from server.exchange import exchange, wait_for_nodes
+from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel, Build, PlanBook
 from server.recovery import UpdateGate, recover_plans
@@ -99,9 +100,9 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
     settings = resolve(settings, base.card)
     with clock("wait"):
         ledger = Ledger(wait_for_nodes(grid, settings.devices, settings.timeouts.nodes))
-    with clock("profile"):
-        collect_profiles(grid, ledger, settings, base)
     state = RunState(settings.out_dir, base.sha256, settings.name, settings.resume)
+    with clock("profile"):
+        collect_profiles(grid, ledger, settings, base, state)
     with clock("score"):
         restore_reports(ledger, state, base)
         secure_mean = collect_scores(grid, ledger, settings, base, state)
@@ -153,14 +154,21 @@ def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ profile
 
 
-def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel) -> None:
-    """query.profile: who each device is; the query says what data the base model expects (DataSpec)."""
+def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel,
+                     state: RunState | None = None) -> None:
+    """query.profile: who each device is; the query says what data the base model expects (DataSpec).
+
+    A device is the node that answered; the device id it declares is checked (server.identity) against the
+    pins of [identity], the nodes that held restored ids before a restart, and the ids taken earlier in
+    this phase: a clash refuses the newcomer, never the device that holds the id."""
     query = ProfileConfig(data_spec=settings.data.to_json()).to_record()
     contents = {r.node_id: RecordDict({CONFIG: ConfigRecord(dict(query))}) for r in ledger.active()}
     replies = exchange(grid, ledger, "profile", PROFILE, contents, settings.timeouts.profile, settings.max_in_flight)
-    seen: set[str] = set()
+    identities = Identities(settings.identity.pinned_ids, state.kept_identities() if state is not None else {},
+                            node_keys(grid))
     for node_id, reply in replies.items():
         record = ledger.records[node_id]
+        record.node_key = identities.keys.get(node_id, "")
         data = None
         try:
             data = field(config_of(reply.content, PROFILE_REC), "data", bytes, "TaskProfile")
@@ -168,15 +176,18 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
             if profile.budget.kind not in BUDGET_KINDS:
                 raise ValidationError(f"TaskProfile: budget kind {profile.budget.kind!r} is not supported "
                                       f"(use {' or '.join(BUDGET_KINDS)})")
-            if profile.device_id in seen:
-                raise ValidationError(f"TaskProfile: device id {profile.device_id!r} is already taken")
+            problem = identities.problem(profile.device_id, node_id)
+            if problem:
+                raise ValidationError(f"TaskProfile: {problem}")
         except ValidationError as e:
             if isinstance(data, bytes):  # keep what it claimed to be, labelled as unverified, for the operator
                 record.declared_id = declared_device_id(data)
             ledger.exclude(node_id, REJECTED, "profile", str(e))
             continue
-        seen.add(profile.device_id)
+        identities.accept(profile.device_id, node_id)
         record.profile, record.device_id, record.tasks = profile, profile.device_id, base.canonical(profile.tasks)
+    if state is not None:
+        state.keep_identities(identities.bindings(identities.taken.items()))
 
 
 # -------------------------------------------------------------------------------------------- score

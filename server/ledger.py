@@ -24,6 +24,7 @@ class DeviceRecord:
     node_id: int
     device_id: str = ""
     declared_id: str = ""  # what a refused profile claimed (unverified; for the operator only)
+    node_key: str = ""  # fingerprint of the public key Flower registered for the node ("" = none; server.identity)
     profile: TaskProfile | None = None
     tasks: tuple[str, ...] = ()  # in the base model's task order
     status: str = OK

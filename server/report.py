@@ -45,6 +45,7 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "device_id": record.device_id or f"node-{record.node_id}",
         "declared_id": record.declared_id or None,
         "node_id": record.node_id,
+        "node_key": record.node_key or None,
         "device_class": prof.device_class if prof else "",
         "tasks": list(record.tasks or (prof.tasks if prof else ())),
         "budget": prof.budget.value if prof else None,

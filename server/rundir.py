@@ -1,6 +1,7 @@
 """What the server keeps in its run directory so that a restarted server resumes instead of starting over.
 
     OUT/state/manifest.json           base model sha256, scenario, last finetune round completed
+    OUT/state/identities.json         device id -> fingerprint of the node key that held it (server.identity)
     OUT/state/reports/<device>.npz    each device's ImportanceReport as it arrived (wire header + arrays)
     OUT/state/aggregated.npz          the per-task aggregated scores the plans were made from, and the
                                       devices they came from (one file: both change together)
@@ -96,6 +97,26 @@ class RunState:
     @property
     def finetune_round(self) -> int:
         return int(self.manifest.get("finetune_round", 0))
+
+    # ----------------------------------------------------------------------------------- identities
+
+    def keep_identities(self, bindings: dict[str, str]) -> None:
+        """Device id -> key fingerprint of the node that held it: a resumed run gives the id to that key only."""
+        atomic_write(self.root / "identities.json", json.dumps(dict(sorted(bindings.items())), indent=2).encode())
+
+    def kept_identities(self) -> dict[str, str]:
+        """The bindings of the run being resumed ({} for a fresh run). A damaged file is an error, not an
+        empty list: losing it would let any node claim any restored device id."""
+        path = self.root / "identities.json"
+        if not self.resumed or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cannot resume: {path} is damaged ({e.msg})") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise ValueError(f"cannot resume: {path} is not a map of device ids to key fingerprints")
+        return data
 
     # -------------------------------------------------------------------------------------- reports
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cut.recovery import RecoveryConfig
 from protocol.phases import Adoption, DataSpec, DeliverConfig, FinetuneConfig, ScoreConfig
+from server.identity import check_pin
 
 AGGREGATIONS = ("weighted-mean", "median", "trimmed-mean")
 TRANSPORTS = ("path", "arrays")
@@ -152,6 +153,28 @@ class DeviceSettings(Section):
         return Adoption(**self.model_dump())
 
 
+class IdentitySettings(Section):
+    """Who may claim which device id (server.identity). A device is the node Flower authenticated; its
+    declared device id is a label, unique in a run, and in deployment it can be pinned to a node."""
+
+    pinned_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="device id -> the key fingerprint ('SHA256:...', as `ssh-keygen -lf KEY.pub` prints it) or "
+                    "the node id (a string) that alone may claim it; a pinned node may claim no other id")
+
+    @field_validator("pinned_ids")
+    @classmethod
+    def _pins(cls, pins: dict[str, str]) -> dict[str, str]:
+        for device_id, value in pins.items():
+            try:
+                check_pin(value)
+            except ValueError as e:
+                raise ValueError(f"device id {device_id!r}: {e}") from None
+        if len(set(pins.values())) != len(pins):
+            raise ValueError("one node is pinned to more than one device id")
+        return pins
+
+
 class Timeouts(Section):
     nodes: float = Field(120.0, gt=0)
     profile: float = Field(300.0, gt=0)
@@ -195,6 +218,7 @@ class ScenarioFile(Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     device: DeviceSettings = DeviceSettings()
     timeouts: Timeouts = Timeouts()
+    identity: IdentitySettings = IdentitySettings()
     fleet: FleetSection = FleetSection()
 
     @model_validator(mode="after")
@@ -228,6 +252,7 @@ class Settings:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     max_in_flight: int = 256
     resume: bool = False  # continue from out_dir/state (kept reports, aggregate, plans, weights)
 
@@ -300,6 +325,7 @@ def settings_from(path: Path, parsed: ScenarioFile, *, devices: int | None = Non
         evaluation=parsed.evaluation,
         device=parsed.device,
         timeouts=parsed.timeouts,
+        identity=parsed.identity,
     )
 
 
@@ -359,6 +385,7 @@ __all__ = [
     "DeviceSettings",
     "EvaluationSettings",
     "FinetuneSettings",
+    "IdentitySettings",
     "PlanningSettings",
     "RecoverySettings",
     "ScenarioFile",

@@ -61,3 +61,112 @@ def test_a_refused_profile_is_reported_under_the_id_it_claimed(monkeypatch, tmp_
     assert refused.status == REJECTED and "bogus" in refused.reason
     assert refused.declared_id == "cam-7" and refused.device_id == ""  # labelled, never trusted
     assert accepted.ok and accepted.device_id == "cam-8"
+
+
+# ------------------------------------------------------------------------------------------- identity
+# A device is the node Flower authenticated; the device id it declares is a label. The tests drive the
+# profile phase with canned replies and a grid that reports each node's public key, as Flower's does.
+
+
+def _ec_key_pem(seed: int) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.derive_private_key(seed, ec.SECP384R1())
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class _Grid:
+    """What collect_profiles asks of Flower's Grid: the nodes, each with the public key it registered."""
+
+    def __init__(self, keys: dict[int, bytes]) -> None:
+        self.keys = keys
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, public_key=k) for n, k in self.keys.items()]
+
+    def get_node_ids(self):
+        return list(self.keys)
+
+
+def _profiles(monkeypatch, claims: dict[int, str], keys: dict[int, bytes], settings=None, state=None) -> Ledger:
+    """Run the profile phase: node -> the device id it claims, answering in this order."""
+    from test_inbound_fuzz import SETTINGS
+
+    replies = {n: SimpleNamespace(content=RecordDict({PROFILE_REC: ConfigRecord(
+        {"data": wire.encode_profile(TaskProfile(device_id, ("seg",), Budget("params", 0.5)))})}))
+        for n, device_id in claims.items()}
+    monkeypatch.setattr(server_app, "exchange", lambda *args, **kwargs: replies)
+    base = SimpleNamespace(task_names=("seg", "depth"), canonical=lambda tasks: tuple(tasks))
+    ledger = Ledger(list(claims))
+    kwargs = {} if state is None else {"state": state}
+    server_app.collect_profiles(_Grid(keys), ledger, settings or SETTINGS, base, **kwargs)
+    return ledger
+
+
+def test_a_clashing_device_id_rejects_the_newcomer_and_keeps_the_earlier_device(monkeypatch):
+    ledger = _profiles(monkeypatch, {7: "dev-a", 3: "dev-a", 5: "dev-b"}, {7: _ec_key_pem(1), 3: _ec_key_pem(2),
+                                                                          5: _ec_key_pem(3)})
+    first, newcomer, other = ledger.records[7], ledger.records[3], ledger.records[5]
+    assert first.ok and first.device_id == "dev-a"  # never evicted
+    assert newcomer.status == REJECTED and "'dev-a' is already taken by node 7" in newcomer.reason
+    assert newcomer.declared_id == "dev-a" and newcomer.device_id == ""
+    assert other.ok and other.device_id == "dev-b"
+
+
+def test_a_pinned_device_id_is_refused_to_a_node_that_does_not_hold_its_key(monkeypatch):
+    import dataclasses
+
+    from test_inbound_fuzz import SETTINGS
+
+    from server.identity import key_fingerprint
+    from server.settings import IdentitySettings
+
+    honest, squatter = _ec_key_pem(11), _ec_key_pem(12)
+    settings = dataclasses.replace(SETTINGS, identity=IdentitySettings(
+        pinned_ids={"dev-a": key_fingerprint(honest), "dev-c": "42"}))
+    # The squatter answers first, claiming the honest device's pinned id; a pinned node claims another id.
+    ledger = _profiles(monkeypatch, {1: "dev-a", 2: "dev-a", 42: "dev-d", 43: "dev-c"},
+                       {1: squatter, 2: honest, 42: _ec_key_pem(13), 43: _ec_key_pem(14)}, settings)
+    assert ledger.records[1].status == REJECTED and "pinned" in ledger.records[1].reason
+    assert key_fingerprint(honest) in ledger.records[1].reason and key_fingerprint(squatter) in ledger.records[1].reason
+    assert ledger.records[2].ok and ledger.records[2].device_id == "dev-a"
+    assert ledger.records[2].node_key == key_fingerprint(honest)
+    assert ledger.records[42].status == REJECTED and "pinned to device id 'dev-c'" in ledger.records[42].reason
+    assert ledger.records[43].status == REJECTED and "node 42" in ledger.records[43].reason
+
+
+def test_a_resumed_run_binds_restored_device_ids_to_the_key_that_held_them(monkeypatch, tmp_path):
+    from server.identity import key_fingerprint
+    from server.rundir import RunState
+
+    honest, squatter, newcomer = _ec_key_pem(21), _ec_key_pem(22), _ec_key_pem(23)
+    first = RunState(tmp_path, "a" * 64, "test", resume=False)
+    ledger = _profiles(monkeypatch, {10: "dev-a"}, {10: honest}, state=first)
+    assert ledger.records[10].ok
+    # After the restart the SuperNodes reconnect with new node ids; the squatter answers first.
+    resumed = RunState(tmp_path, "a" * 64, "test", resume=True)
+    ledger = _profiles(monkeypatch, {31: "dev-a", 32: "dev-a", 33: "dev-n"}, {31: squatter, 32: honest, 33: newcomer},
+                       state=resumed)
+    assert ledger.records[31].status == REJECTED
+    assert "held by the node with key" in ledger.records[31].reason and key_fingerprint(honest) in ledger.records[31].reason
+    assert ledger.records[32].ok and ledger.records[32].device_id == "dev-a"
+    assert ledger.records[33].ok
+    # Simulated nodes have no public key (Flower registers random bytes): nothing to bind, first come first served.
+    sim = RunState(tmp_path / "sim", "a" * 64, "test", resume=False)
+    _profiles(monkeypatch, {1: "dev-s"}, {1: b"\x01" * 32}, state=sim)
+    ledger = _profiles(monkeypatch, {2: "dev-s"}, {2: b"\x02" * 32}, state=RunState(tmp_path / "sim", "a" * 64,
+                                                                                   "test", resume=True))
+    assert ledger.records[2].ok and ledger.records[2].node_key == ""
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("SHA256:short", "SHA256:"), ("node-7", "node id"), ("0", "node id"), ("", "node id")])
+def test_a_bad_pin_is_one_clear_error(value, fragment, tmp_path):
+    from server.settings import load_settings
+
+    path = tmp_path / "pins.toml"
+    path.write_text(f'[identity]\npinned_ids = {{ "dev-a" = "{value}" }}\n')
+    with pytest.raises(ValueError, match=r"\[identity\] pinned_ids") as error:
+        load_settings(path)
+    assert fragment in str(error.value)
