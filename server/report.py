@@ -2,7 +2,7 @@
 
 Per device: its tasks, budget, status (ok / rejected / failed) and reason, the size it reached (params
 and MACs as measured on the device, as ratios to its dense decomposed model), the multi-task delta
-(EVALUATION.md) with the per-task metrics it came from, and the bytes it sent and received. Uplink bytes
+(docs/EVALUATION.md) with the per-task metrics it came from, and the bytes it sent and received. Uplink bytes
 are also given for the scores alone, as a fraction of the dense decomposed model's weight bytes: the
 download the device would otherwise need, and the yardstick for "scores are cheap to send".
 """
