@@ -281,7 +281,9 @@ def _render(task: dict[str, Any], output: np.ndarray, size: tuple[int, int], pat
         rgb, classes = colour_segmentation(output)
         present = np.bincount(classes.reshape(-1), minlength=output.shape[0]) / classes.size
         names = task.get("class_names") or [str(i) for i in range(output.shape[0])]
-        info: dict[str, Any] = {"fractions": {names[i]: round(float(f), 4) for i, f in enumerate(present) if f > 0}}
+        legend = write_legend(names, path.parent / f"legend.{task['name']}.png")  # tiny; rewritten per image
+        info: dict[str, Any] = {"fractions": {names[i]: round(float(f), 4) for i, f in enumerate(present) if f > 0},
+                                "legend": str(legend)}
         resample = Image.Resampling.NEAREST
     elif kind == "depth":
         rgb, near, far = colour_depth(output)
@@ -293,6 +295,23 @@ def _render(task: dict[str, Any], output: np.ndarray, size: tuple[int, int], pat
         raise ValueError(f"task {task['name']!r}: unknown kind {kind!r} in the sidecar")
     Image.fromarray(rgb).resize(size, resample).save(path)  # back to the photo's own size
     return {"file": str(path), **info}
+
+
+def write_legend(class_names: Sequence[str], path: Path, swatch: int = 14) -> Path:
+    """A PNG with one row per class: its colour in the segmentation images (`palette`) and its name."""
+    from PIL import Image, ImageDraw
+
+    colours = palette(len(class_names))
+    row = swatch + 6
+    width = 12 + swatch + 8 * max((len(str(n)) for n in class_names), default=1) + 16
+    image = Image.new("RGB", (width, 6 + row * len(class_names)), "white")
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(class_names):
+        top = 6 + i * row
+        draw.rectangle((6, top, 6 + swatch, top + swatch), fill=tuple(int(c) for c in colours[i]), outline="black")
+        draw.text((12 + swatch, top + 1), str(name), fill="black")
+    image.save(path)
+    return path
 
 
 def run_inference(model: str | Path, images: Sequence[str | Path], out_dir: str | Path,
@@ -328,6 +347,7 @@ __all__ = [
     "load_sidecar",
     "measure_latency",
     "palette",
+    "write_legend",
     "preprocess",
     "resolve_onnx",
     "run_inference",

@@ -15,14 +15,16 @@ def progress_enabled(requested: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int, str], None]]:
-    """Yields `advance(n, info)`; draws a bar on a terminal and prints a few plain lines elsewhere."""
+def progress_bar(description: str, total: int, enabled: bool = True,
+                 plain_lines: int = 4) -> Iterator[Callable[[int, str], None]]:
+    """Yields `advance(n, info)`; draws a bar on a terminal and prints about `plain_lines` plain lines elsewhere
+    (a log file, `flwr log`)."""
     if not progress_enabled(enabled):
         yield lambda n=1, info="": None
         return
     if not sys.stderr.isatty():
         state = {"done": 0, "next": 0}
-        step = max(1, total // 4)
+        step = max(1, total // max(1, plain_lines))
 
         def advance_plain(n: int = 1, info: str = "") -> None:
             state["done"] += n

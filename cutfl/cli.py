@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for group in COMMAND_GROUPS:
         group.add_commands(sub, Parser)
+    for name, command in sub.choices.items():  # `cutfl X --help` opens with what X does, like `cutfl --help`
+        if not command.description:
+            summary = next((a.help for a in sub._choices_actions if a.dest == name), None)
+            command.description = f"{summary[0].upper()}{summary[1:]}." if summary else None
     return parser
 
 

@@ -35,7 +35,10 @@ def exchange(
     pending.reverse()  # pop() from the end keeps the original order
     in_flight: dict[str, tuple[int, float]] = {}  # message id -> (node id, deadline)
     replies: dict[int, Message] = {}
-    with progress_bar(phase, total=len(contents)) as advance:
+    # Every device's answer (or its exclusion) advances the bar as it happens; off a terminal (a log, `flwr log`)
+    # one line per device up to 20 devices, then one per 5%.
+    with progress_bar(phase, total=len(contents), plain_lines=20) as advance:
+        done = 0
         while pending or in_flight:
             _push_some(grid, ledger, phase, message_type, pending, in_flight, timeout, max_in_flight)
             for reply in grid.pull_messages(list(in_flight)):
@@ -43,16 +46,23 @@ def exchange(
                 if node_id is None:
                     continue
                 _accept(ledger, phase, node_id, reply, replies)
-                advance(1, "")
+                done += 1
+                advance(1, _tally(done, replies))
             now = time.monotonic()
             for mid, (node_id, deadline) in list(in_flight.items()):
                 if now > deadline:
                     del in_flight[mid]
                     ledger.exclude(node_id, FAILED, phase, f"no reply within {timeout:g} s")
-                    advance(1, "")
+                    done += 1
+                    advance(1, _tally(done, replies))
             if in_flight:
                 time.sleep(POLL_SECONDS)
     return replies
+
+
+def _tally(done: int, replies: Mapping[int, Message]) -> str:
+    """What the devices done so far came to: 'answered 7, excluded 1' (answers are validated afterwards)."""
+    return f"answered {len(replies)}, excluded {done - len(replies)}"
 
 
 def _push_some(grid, ledger, phase, message_type, pending, in_flight, timeout, max_in_flight) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,20 @@ def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: Plan
     (out / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     (out / "report.md").write_text(markdown(report))
     plot(entries, out)
+    print(f"{SUMMARY_PREFIX}{json.dumps(_finite(summary_line(summary, out)))}", file=sys.stderr, flush=True)
     return summary
+
+
+SUMMARY_PREFIX = "cutfl report: "  # the ServerApp's last log line; `cutfl run` reads it from `flwr log`
+
+
+def summary_line(summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The figures a person checks first: status, devices ok of expected, mean delta_m, where the report is."""
+    delta = summary.get("delta_m") or {}
+    return {"status": summary["status"], "devices_ok": summary["devices_ok"],
+            "devices_expected": summary["devices_expected"], "devices_registered": summary["devices_registered"],
+            "devices_rejected": summary["devices_rejected"], "devices_failed": summary["devices_failed"],
+            "delta_m_mean": delta.get("mean"), "delta_m_ci95": delta.get("ci95"), "report": str(out.resolve())}
 
 
 def _finite(value: Any) -> Any:
@@ -211,6 +225,14 @@ def _task_cell(entry: dict[str, Any], task: str, metric: str) -> str:
     return f"{dense[metric]:.3g} -> {compact[metric]:.3g}"
 
 
+def _missing(summary: dict[str, Any]) -> str:
+    """', N of the M devices the scenario expects never registered' when some did not."""
+    expected, registered = summary.get("devices_expected") or 0, summary["devices_registered"]
+    if expected <= registered:
+        return ""
+    return f"; {expected - registered} of the {expected} devices the scenario expects never registered"
+
+
 def _interval(stats: dict[str, Any]) -> str:
     half = stats.get("ci95")
     return "-" if half is None else f"[{stats['mean'] - half:.2f}, {stats['mean'] + half:.2f}]"
@@ -227,7 +249,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Federation report: {s['scenario']}",
         "",
         f"Status **{s['status']}**: {s['devices_ok']} of {s['devices_registered']} devices completed "
-        f"({s['devices_rejected']} rejected, {s['devices_failed']} failed); {s['task_subsets']} task subsets, "
+        f"({s['devices_rejected']} rejected, {s['devices_failed']} failed"
+        f"{_missing(s)}); {s['task_subsets']} task subsets, "
         f"{s['distinct_plans']} distinct plans, {s['compact_models_built']} compact models built; "
         f"all within budget: {s['all_within_budget']}.",
         "",
@@ -324,22 +347,43 @@ def plot(entries: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "size_vs_delta.png", dpi=120)
     plt.close(fig)
 
+    fig = fleet_figure(entries)
+    fig.savefig(out / "fleet.png", dpi=120)
+    plt.close(fig)
+
+
+def fleet_figure(entries: list[dict[str, Any]]):
+    """fleet.png's figure: devices per task subset stacked by budget (left), devices per final status (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    subsets = sorted({",".join(e["tasks"]) for e in entries if e["tasks"]})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     budgets = sorted({e["budget"] for e in entries if e["budget"] is not None})
     bottom = [0] * len(subsets)
     for i, budget in enumerate(budgets):
         counts = [sum(1 for e in entries if ",".join(e["tasks"]) == s and e["budget"] == budget) for s in subsets]
-        left.bar(subsets, counts, bottom=bottom, label=f"budget {budget:g}", color=plt.cm.viridis(i / max(1, len(budgets))))
+        left.bar(subsets, counts, bottom=bottom, label=f"{budget:g}", color=plt.cm.viridis(i / max(1, len(budgets))))
         bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     left.set_title("Devices per task subset and budget")
+    left.set_xlabel("task subset")
+    left.set_ylabel("devices")
     left.tick_params(axis="x", rotation=45, labelsize=7)
-    left.legend(fontsize=7)
+    if budgets:
+        left.legend(fontsize=7, title="budget", title_fontsize=8)
     statuses = Counter(e["status"] for e in entries)
     right.bar(list(statuses), list(statuses.values()), color=["tab:green" if s == OK else "tab:red" for s in statuses])
-    right.set_title("Device status")
+    right.set_title("Device status at the end of the run")
+    right.set_xlabel("status")
+    right.set_ylabel("devices")
+    for axis in (left, right):  # device counts are whole numbers: no 0.5 ticks
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out / "fleet.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
-__all__ = ["device_delta", "device_entry", "markdown", "plot", "summarise", "within_budget", "write_report"]
+__all__ = ["SUMMARY_PREFIX", "device_delta", "device_entry", "fleet_figure", "markdown", "plot", "summarise", "summary_line",
+           "within_budget", "write_report"]
