@@ -78,7 +78,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, from_run_config(context.run_config))
+    settings = from_run_config(context.run_config)
+    summary = run_federation(grid, settings)
+    if summary["status"] != "ok":  # so that `flwr ls` says finished:failed, not finished:completed
+        raise RuntimeError(f"the federation failed: {summary['devices_ok']} of {summary['devices_expected']} devices "
+                           f"completed (min_devices {settings.min_devices}); report in {settings.out_dir}")
 
 
 def make_server_app(settings: Settings) -> ServerApp:
@@ -111,9 +115,9 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
         book = plan_devices(ledger, settings, base, aggregated)
     with clock("recover"):
         recovery = recover_plans(book, base, settings.recovery, state, progress=progress_enabled())
-        restore_weights(book, state)
     with clock("deliver"):
-        deliver_models(grid, ledger, settings, book)
+        deliver_models(grid, ledger, settings, book)  # as recovered (cached by plan hash): what one-shot measures
+    restore_weights(book, state)  # then a resumed run goes on from each plan's fine-tuned weights
     gate = (UpdateGate(base, settings.recovery)
             if settings.finetune.gate and settings.finetune.rounds > state.finetune_round else None)
     for round_ in range(state.finetune_round + 1, settings.finetune.rounds + 1):
@@ -128,7 +132,11 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
 
 
 def restore_weights(book: PlanBook, state: RunState) -> None:
-    """Keep every plan in the run directory; a resumed run continues from each plan's last averaged weights."""
+    """Keep every plan in the run directory; a resumed run continues from each plan's last averaged weights.
+
+    Called after delivery: the delivered weights are the plan's recovered ones, so the one-shot metrics a
+    resumed run reports are those of the model before fine-tuning, as in a run that was never interrupted;
+    the next finetune round or the evaluation then sends each device its plan's fine-tuned weights."""
     for plan_hash, build in list(book.builds.items()):
         state.keep_plan(build.plan)
         kept = state.kept_weights(plan_hash) if state.finetune_round > 0 else None

@@ -35,6 +35,7 @@ FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")  # OpenSSH's: `ssh-keyge
 def key_fingerprint(public_key: bytes | str) -> str:
     """The OpenSSH SHA256 fingerprint of a public key given as PEM (what Flower stores) or OpenSSH text
     (a KEY.pub file); "" when it is neither (simulation registers random bytes)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     data = public_key.encode() if isinstance(public_key, str) else bytes(public_key)
@@ -44,7 +45,7 @@ def key_fingerprint(public_key: bytes | str) -> str:
         else:
             key = serialization.load_ssh_public_key(data.strip())
         text = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    except (ValueError, TypeError, IndexError):
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
         return ""
     blob = base64.b64decode(text.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -126,3 +126,42 @@ def test_run_state_round_trips_and_refuses_another_base_model(tmp_path):
     assert not fresh.resumed and fresh.kept_devices() == []
     (tmp_path / "state" / "reports" / "x.npz").write_bytes(b"not a zip")
     assert fresh.kept_report("x") is None  # unreadable: that device scores again
+
+
+@pytest.mark.slow
+def test_a_resumed_run_measures_one_shot_on_the_recovered_weights_not_the_fine_tuned_ones(base_dir, tmp_path,
+                                                                                            monkeypatch):
+    """The one-shot figure is the model as recovered on the server, before any fine-tuning. A run resumed
+    after its fine-tuning rounds must deliver (and so measure) those pristine weights, cached by plan hash in
+    the run directory, and only then continue from the fine-tuned ones."""
+    from simulations.runner import run_scenario
+
+    devices = {pid: {"tasks": ["seg", "depth"] if pid % 2 else ["normals"]} for pid in range(2)}
+    scenario = scenario_file(tmp_path, base_dir, devices=devices, rounds=1)
+    text = scenario.read_text().replace("[finetune]\n", "[finetune]\ngate = false\n")  # adopt every average
+    scenario.write_text(text + "\n[recovery]\nsteps = 4\nsamples = 16\nbatch_size = 8\n")
+    out = tmp_path / "out"
+    run_scenario(scenario, out_dir=out)  # complete: fine-tuned weights and round 1 are kept in OUT/state
+    first = {d["device_id"]: d for d in json.loads((out / "report.json").read_text())["devices"]}
+    assert json.loads((out / "state" / "manifest.json").read_text())["finetune_round"] == 1
+
+    delivered: dict[str, dict] = {}
+    real_deliver = server_app.deliver_models
+
+    def spy(grid, ledger, settings, book):
+        delivered.update({h: dict(b.arrays) for h, b in book.builds.items()})
+        return real_deliver(grid, ledger, settings, book)
+
+    monkeypatch.setattr(server_app, "deliver_models", spy)
+    summary = run_scenario(scenario, out_dir=out, resume=True)
+    assert summary["status"] == "ok"
+    state = RunState(out, json.loads((base_dir / "model.json").read_text())["weights_sha256"], "test", resume=True)
+    assert delivered
+    for plan_hash, arrays in delivered.items():
+        recovered, tuned = state.kept_recovered(plan_hash), state.kept_weights(plan_hash)
+        assert any(not np.array_equal(recovered[k], tuned[k]) for k in recovered)  # fine-tuning changed them
+        assert all(np.array_equal(arrays[k], recovered[k]) for k in recovered), "delivered the fine-tuned weights"
+    for d in json.loads((out / "report.json").read_text())["devices"]:
+        before = first[d["device_id"]]
+        assert d["delta_m_oneshot"] == pytest.approx(before["delta_m_oneshot"], abs=1e-6), d["device_id"]
+        assert d["delta_m"] == pytest.approx(before["delta_m"], abs=1e-6), d["device_id"]

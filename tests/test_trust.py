@@ -154,7 +154,7 @@ def test_a_resumed_run_binds_restored_device_ids_to_the_key_that_held_them(monke
     assert ledger.records[33].ok
     # Simulated nodes have no public key (Flower registers random bytes): nothing to bind, first come first served.
     sim = RunState(tmp_path / "sim", "a" * 64, "test", resume=False)
-    _profiles(monkeypatch, {1: "dev-s"}, {1: b"\x01" * 32}, state=sim)
+    _profiles(monkeypatch, {1: "dev-s"}, {1: bytes(range(32))}, state=sim)
     ledger = _profiles(monkeypatch, {2: "dev-s"}, {2: b"\x02" * 32}, state=RunState(tmp_path / "sim", "a" * 64,
                                                                                    "test", resume=True))
     assert ledger.records[2].ok and ledger.records[2].node_key == ""
@@ -170,3 +170,19 @@ def test_a_bad_pin_is_one_clear_error(value, fragment, tmp_path):
     with pytest.raises(ValueError, match=r"\[identity\] pinned_ids") as error:
         load_settings(path)
     assert fragment in str(error.value)
+
+
+def test_key_fingerprint_is_openssh_s_and_empty_for_anything_but_a_key():
+    import secrets
+
+    from cryptography.hazmat.primitives import serialization
+
+    from server.identity import key_fingerprint
+
+    pem = _ec_key_pem(5)
+    openssh = serialization.load_pem_public_key(pem).public_bytes(serialization.Encoding.OpenSSH,
+                                                                  serialization.PublicFormat.OpenSSH)
+    assert key_fingerprint(pem) == key_fingerprint(openssh + b" node-0\n") != ""
+    for _ in range(500):  # what simulation registers as a node's key: random bytes, never an error
+        assert key_fingerprint(secrets.token_bytes(32)) == ""
+    assert key_fingerprint(b"") == key_fingerprint(b"ssh-ed25519 AAAA") == ""
