@@ -118,8 +118,10 @@ def _distill_loss(spec, student_out: torch.Tensor, teacher_out: torch.Tensor) ->
     if spec.kind in ("segmentation", "classification"):
         return F.kl_div(F.log_softmax(student_out, 1), F.softmax(teacher_out, 1), reduction="batchmean") / (
             student_out[0, 0].numel())
-    if spec.kind == "normals":
-        return (1 - F.cosine_similarity(student_out, teacher_out, dim=1)).mean()
+    if spec.kind == "normals":  # sums of squares: `cosine_similarity` is ~10x slower on CPU (11% of a recovery step)
+        dot = (student_out * teacher_out).sum(1)
+        norms = (student_out.pow(2).sum(1) * teacher_out.pow(2).sum(1)).clamp_min(1e-16).sqrt()
+        return (1 - dot / norms).mean()
     return (student_out - teacher_out).abs().mean()
 
 

@@ -11,3 +11,10 @@ imports what it needs only when a command runs, so `cutfl --help` stays fast and
     simulate_command.py  simulate (a fleet on Flower's simulation engine)
     deploy_commands.py   certs, connect, run (a real SuperLink)
 """
+
+import os
+
+# OpenMP threads that spin while they wait stall when another process shares the cores: on this 2-core
+# machine with other jobs running, a 2-thread training step took 4-8x as long as a 1-thread one with the
+# default policy and about 1.2x with passive waiting (BENCHMARKS.md, "Threads"). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

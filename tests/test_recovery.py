@@ -194,3 +194,22 @@ def test_stage_names_and_recovery_batches():
     assert all(torch.equal(x[:, :1], y["depth"]) for x, y in batches)
     assert recovery_batches(Tiny(), cfg, seed=0, labelled=False)[0][1] is None
     assert len(recovery_batches(Tiny(), RecoveryConfig(steps=100, batch_size=3))) == 4  # capped by the dataset
+
+
+def test_normals_distillation_matches_cosine_similarity():
+    """The sums-of-squares form (fast on CPU) is the textbook 1 - cosine similarity, value and gradient."""
+    import torch.nn.functional as F
+
+    from cut.tasks import TaskSpec
+    from cut.train import _distill_loss
+
+    spec = TaskSpec(name="normals", kind="normals")
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 3, 8, 8, generator=generator, requires_grad=True)
+    teacher = torch.randn(4, 3, 8, 8, generator=generator)
+    ours = _distill_loss(spec, student, teacher)
+    reference = (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    assert torch.allclose(ours, reference, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, student)
+    (g_ref,) = torch.autograd.grad(reference, student)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
