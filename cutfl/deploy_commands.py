@@ -56,6 +56,7 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--app", type=Path, help="the Flower app directory (default: this cut-fl checkout)")
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds to wait for the run (then stop it)")
     p.add_argument("--poll", type=positive_float, default=3.0, help="seconds between status checks")
+    p.add_argument("--quiet", action="store_true", help="do not print the run's log (per-phase progress) as it goes")
     p.add_argument("--address", help="write/replace CONNECTION with this SuperLink address (HOST:PORT) first")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--root-certificates", type=Path, help="with --address: the CA certificate (TLS)")
@@ -116,7 +117,15 @@ def run_config(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from deploy.flwr_run import RunError, describe, run_and_wait, write_connection
+    from deploy.flwr_run import (
+        RunError,
+        describe,
+        is_local_simulation,
+        report_summary,
+        run_and_wait,
+        run_logs,
+        write_connection,
+    )
 
     if (args.root_certificates or args.insecure) and not args.address:
         raise ValueError("--root-certificates / --insecure only go with --address")
@@ -129,12 +138,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = (args.app or default_app_dir()).resolve()
     if not (app / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app}: no pyproject.toml (pass --app, the cut-fl checkout)")
+    federation = None
+    if is_local_simulation(args.connection):  # Flower's local simulation: one simulated SuperNode per device
+        # one CPU per device call, as `cutfl simulate` (Flower's default is 2: half the devices at once)
+        federation = {"num-supernodes": args.devices or scenario_devices(args.scenario), "client-resources-num-cpus": 1}
+        print(f"cutfl run: {args.connection!r} is a local simulation SuperLink: {federation['num-supernodes']} "
+              f"simulated SuperNodes", file=sys.stderr)
+    follow = None if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     try:
-        result = run_and_wait(app, args.connection, run_config(args), timeout=args.timeout, poll=args.poll)
+        result = run_and_wait(app, args.connection, run_config(args), timeout=args.timeout, poll=args.poll,
+                              federation_config=federation, on_log=follow)
     except RunError as e:
         raise RunFailed(str(e)) from None
+    summary = report_summary(run_logs(args.connection, result.run_id)) or {}
     if not result.ok:
         raise RunFailed(describe(result))
     print(json.dumps({"run_id": result.run_id, "status": result.status, "seconds": round(result.seconds, 1),
-                      **run_config(args)}, indent=2))
+                      **{k: summary.get(k) for k in RUN_SUMMARY_KEYS}, **run_config(args)}, indent=2))
+    if summary.get("status") not in (None, "ok"):  # completed, but too few devices for the scenario's min_devices
+        raise RunFailed(f"run {result.run_id} completed, but only {summary.get('devices_ok')} of "
+                        f"{summary.get('devices_expected')} devices finished (report: {summary.get('report')})")
     return 0
+
+
+RUN_SUMMARY_KEYS = ("devices_ok", "devices_expected", "devices_rejected", "devices_failed", "delta_m_mean",
+                    "delta_m_ci95", "report")
+
+
+def scenario_devices(scenario: str | None) -> int:
+    """The device count of a scenario (name or path; the default scenario when None)."""
+    from server.settings import load_settings
+
+    return load_settings(scenario or "default").devices

@@ -22,15 +22,18 @@ running interpreter first (a venv whose bin/ is not on PATH), then from PATH.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,9 @@ def flwr_env(flwr_home: Path | str | None = None, base: Mapping[str, str] | None
     env.setdefault("COLUMNS", "200")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    # A local simulation SuperLink that `flwr run` starts inherits this: it then runs the app in this environment
+    # instead of installing the app's dependencies (torch...) into a fresh one for every run.
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     return env
 
 
@@ -179,12 +185,29 @@ def check_connection(connection: str, env: Mapping[str, str] | None = None) -> N
     """Fail with one clear line when `connection` is not in $FLWR_HOME/config.toml."""
     path = flwr_home(env) / "config.toml"
     try:
-        links = tomllib.loads(path.read_text()).get("superlink", {}) if path.is_file() else {}
+        links = tomllib.loads(path.read_text()).get("superlink", {}) if path.is_file() else FLOWER_DEFAULT_LINKS
     except tomllib.TOMLDecodeError as e:
         raise RunError(f"{path}: not valid TOML ({e})") from None
     if not isinstance(links.get(connection), dict):
         raise RunError(f"no SuperLink connection {connection!r} in {path} (add it with `cutfl connect "
                        f"{connection} --address HOST:PORT --root-certificates CA`)")
+
+
+LOCAL_ADDRESSES = (":local:", ":local-in-memory:")  # Flower starts a local simulation SuperLink for these
+# What the first `flwr` command writes into a missing $FLWR_HOME/config.toml (Flower 1.41): a `local` simulation.
+FLOWER_DEFAULT_LINKS: dict[str, Any] = {"default": "local", "local": {"address": ":local:"}}
+
+
+def is_local_simulation(connection: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether CONNECTION is Flower's local simulation SuperLink (address `:local:`), where `flwr run` needs the
+    number of simulated SuperNodes (`--federation-config num-supernodes=N`; Flower's default is 2)."""
+    path = flwr_home(env) / "config.toml"
+    try:
+        links = tomllib.loads(path.read_text()).get("superlink", {}) if path.is_file() else FLOWER_DEFAULT_LINKS
+    except tomllib.TOMLDecodeError:
+        return False
+    entry = links.get(connection)
+    return isinstance(entry, dict) and entry.get("address") in LOCAL_ADDRESSES
 
 
 def config_value(key: str, value: Any, what: str = "run config") -> str:
@@ -222,12 +245,17 @@ def _flwr(args: Sequence[str], env: Mapping[str, str], timeout: float) -> subpro
 
 
 def start_run(app_dir: Path | str, connection: str, run_config: Mapping[str, Any] | None = None, *,
-              env: Mapping[str, str] | None = None, timeout: float = 120.0) -> int:
-    """`flwr run APP CONN --run-config ... --format json`; returns the run id."""
+              env: Mapping[str, str] | None = None, timeout: float = 120.0,
+              federation_config: Mapping[str, Any] | None = None) -> int:
+    """`flwr run APP CONN --run-config ... [--federation-config ...] --format json`; returns the run id.
+
+    `federation_config`: simulation settings for a simulation SuperLink (e.g. `{"num-supernodes": 20}`)."""
     env = flwr_env() if env is None else env
     check_connection(connection, env)
-    proc = _flwr(["run", str(app_dir), connection, *run_config_args(run_config or {}), "--format", "json"], env,
-                 timeout)
+    federation = [f"{k}={v}" for k, v in (federation_config or {}).items()]
+    extra = ["--federation-config", " ".join(federation)] if federation else []
+    proc = _flwr(["run", str(app_dir), connection, *run_config_args(run_config or {}), *extra, "--format", "json"],
+                 env, timeout)
     if proc.returncode != 0 and "{" not in proc.stdout:
         raise RunError(f"`flwr run` exited {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
     return run_id_from_output(proc.stdout)
@@ -273,37 +301,104 @@ class RunResult:
 
 def wait_for_run(connection: str, run_id: int, *, timeout: float = 3600.0, poll: float = 2.0,
                  env: Mapping[str, str] | None = None, stop_on_timeout: bool = True,
-                 max_errors: int = 3) -> RunResult:
+                 max_errors: int = 3, on_log: Callable[[str], None] | None = None) -> RunResult:
     """Poll the run's status until it is finished or `timeout` seconds passed (then stop it).
 
     A status query that fails (SuperLink briefly unreachable) is retried; `max_errors` failures in a row
-    end the wait with that error.
+    end the wait with that error. `on_log`: called with each line of the run's log as it arrives (`flwr log
+    --stream`: the ServerApp's per-phase progress, one line per device), from a reader thread.
     """
     start = time.monotonic()
     status, details, errors = "", "", 0
-    while True:
+    with LogFollower(connection, run_id, on_log, env=env):
+        while True:
+            try:
+                status, details = run_status(connection, run_id, env=env)
+                errors = 0
+            except RunError:
+                errors += 1
+                if errors >= max_errors:
+                    raise
+            if is_finished(status):
+                return RunResult(run_id, status, details, time.monotonic() - start)
+            if time.monotonic() - start > timeout:
+                if stop_on_timeout:
+                    stop_run(connection, run_id, env=env)
+                return RunResult(run_id, f"timeout:{status or 'unknown'}", f"not finished after {timeout:.0f} s",
+                                 time.monotonic() - start)
+            time.sleep(poll)
+
+
+class LogFollower:
+    """`flwr log RUN CONN --stream` in the background, each clean line handed to `on_line` (nothing when None).
+
+    The follower runs in its own process group and is stopped (SIGTERM, then SIGKILL) when the context ends."""
+
+    def __init__(self, connection: str, run_id: int, on_line: Callable[[str], None] | None, *,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.command = [executable("flwr"), "log", str(run_id), connection, "--stream"] if on_line else None
+        self.on_line, self.env = on_line, dict(flwr_env() if env is None else env)
+        self.process: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> LogFollower:
+        if self.command is None:
+            return self
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.thread = threading.Thread(target=self._read, name="flwr-log", daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = _ANSI.sub("", raw).rstrip()
+            if line.strip() and self.on_line is not None:
+                self.on_line(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+# The ServerApp's last log line (server.report.SUMMARY_PREFIX, not imported: deploy stays torch-free).
+SUMMARY_PREFIX = "cutfl report: "
+
+
+def report_summary(log_text: str) -> dict[str, Any] | None:
+    """The federation's summary from its log (the last `cutfl report: {...}` line), or None when absent."""
+    for line in reversed(_ANSI.sub("", log_text).splitlines()):
+        at = line.find(SUMMARY_PREFIX)
+        if at < 0:
+            continue
         try:
-            status, details = run_status(connection, run_id, env=env)
-            errors = 0
-        except RunError:
-            errors += 1
-            if errors >= max_errors:
-                raise
-        if is_finished(status):
-            return RunResult(run_id, status, details, time.monotonic() - start)
-        if time.monotonic() - start > timeout:
-            if stop_on_timeout:
-                stop_run(connection, run_id, env=env)
-            return RunResult(run_id, f"timeout:{status or 'unknown'}", f"not finished after {timeout:.0f} s",
-                             time.monotonic() - start)
-        time.sleep(poll)
+            value = json.loads(line[at + len(SUMMARY_PREFIX):].strip())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def run_and_wait(app_dir: Path | str, connection: str, run_config: Mapping[str, Any] | None = None, *,
-                 timeout: float = 3600.0, poll: float = 2.0, env: Mapping[str, str] | None = None) -> RunResult:
+                 timeout: float = 3600.0, poll: float = 2.0, env: Mapping[str, str] | None = None,
+                 federation_config: Mapping[str, Any] | None = None,
+                 on_log: Callable[[str], None] | None = None) -> RunResult:
     """Start the run and wait for its final status (check `.ok`; `describe` gives a one-line summary)."""
-    run_id = start_run(app_dir, connection, run_config, env=env)
-    return wait_for_run(connection, run_id, timeout=timeout, poll=poll, env=env)
+    run_id = start_run(app_dir, connection, run_config, env=env, federation_config=federation_config)
+    return wait_for_run(connection, run_id, timeout=timeout, poll=poll, env=env, on_log=on_log)
 
 
 def describe(result: RunResult) -> str:
@@ -318,7 +413,7 @@ def exit_code(result: RunResult) -> int:
 
 
 __all__ = [
-    "COMPLETED", "RunError", "RunResult", "check_connection", "describe", "executable", "exit_code", "flwr_env", "flwr_home",
-    "is_finished", "parse_json_output", "run_and_wait", "config_value", "run_config_args", "run_id_from_output", "run_logs",
+    "COMPLETED", "SUMMARY_PREFIX", "LogFollower", "RunError", "RunResult", "report_summary", "check_connection", "describe", "executable", "exit_code", "flwr_env", "flwr_home",
+    "is_finished", "is_local_simulation", "parse_json_output", "run_and_wait", "config_value", "run_config_args", "run_id_from_output", "run_logs",
     "run_status", "start_run", "status_from_output", "stop_run", "wait_for_run", "write_connection",
 ]

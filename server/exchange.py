@@ -94,9 +94,22 @@ def _accept(ledger: Ledger, phase: str, node_id: int, reply: Message, replies: d
     replies[node_id] = reply
 
 
+SIMULATION_SETTLE_SECONDS = 5.0
+
+
+class TooFewSuperNodes(RuntimeError):
+    """A simulation has fewer SuperNodes than the scenario has devices (they will never register)."""
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    """Node ids once `expected` nodes registered, or whatever registered when `timeout` runs out."""
-    deadline = time.monotonic() + timeout
+    """Node ids once `expected` nodes registered, or whatever registered when `timeout` runs out.
+
+    On Flower's simulation engine (an in-memory grid) every simulated SuperNode exists before the ServerApp
+    starts: fewer than `expected` after a few seconds is a configuration error, raised at once instead of
+    waiting out `timeout` (`flwr run` simulates 2 SuperNodes unless told otherwise)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    simulated = type(grid).__name__ == "InMemoryGrid"
     with progress_bar("waiting for devices", total=expected) as advance:
         seen = 0
         while True:
@@ -106,7 +119,12 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
                 seen = min(len(nodes), expected)
             if len(nodes) >= expected or time.monotonic() > deadline:
                 return nodes
+            if simulated and time.monotonic() - start > SIMULATION_SETTLE_SECONDS:
+                raise TooFewSuperNodes(
+                    f"the simulation has {len(nodes)} SuperNodes but the scenario expects {expected} devices: run "
+                    f"`flwr run . --federation-config \"num-supernodes={expected}\"`, or `cutfl run local` (sets it), "
+                    f"or set the run config's devices = {len(nodes)}")
             time.sleep(0.5)
 
 
-__all__ = ["exchange", "wait_for_nodes"]
+__all__ = ["TooFewSuperNodes", "exchange", "wait_for_nodes"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 
-from client.app import make_client_app
+from client.app import make_client_app, node_config_device
 from client.device import Device, with_node_overrides
 from protocol.phases import DataSpec
 from simulations.faults import FaultInjector
@@ -34,4 +34,34 @@ def make_simulated_client_app(fleet: FleetSpec) -> ClientApp:
     return make_client_app(identify=FleetIdentity(fleet), hooks=FaultInjector(fleet))
 
 
-__all__ = ["FleetIdentity", "make_simulated_client_app"]
+class RunConfigIdentity:
+    """`flwr run` (pyproject's clientapp): a SuperNode whose node config names its tasks is a real device
+    (client.app.node_config_device); one that has only Flower's partition id (a simulated SuperNode of a
+    simulation SuperLink) plays that device of the run config's scenario fleet, as `cutfl simulate` would."""
+
+    def __init__(self) -> None:
+        self._fleets: dict[tuple, FleetSpec] = {}
+
+    def __call__(self, context: Context, data: DataSpec | None) -> Device:
+        if "tasks" in context.node_config:
+            return node_config_device(context, data)
+        return FleetIdentity(self.fleet(context.run_config))(context, data)
+
+    def fleet(self, run_config) -> FleetSpec:
+        """The scenario's fleet, completed from the base model's card like the ServerApp's settings (cached)."""
+        from cut.checkpoint import read_card
+        from simulations.scenario import load_scenario, resolve
+
+        key = tuple(str(run_config.get(k, "")) for k in ("scenario", "devices", "out-dir", "base-model"))
+        if key not in self._fleets:
+            devices = int(run_config.get("devices", 0) or 0) or None
+            scenario = load_scenario(key[0] or "default", devices=devices, out_dir=key[2] or None,
+                                     base_model_dir=key[3] or None)
+            self._fleets[key] = resolve(scenario, read_card(scenario.settings.base_model_dir)).fleet
+        return self._fleets[key]
+
+
+# The ClientApp `flwr run .` loads (pyproject.toml [tool.flwr.app.components]); no fault injection.
+app = make_client_app(identify=RunConfigIdentity())
+
+__all__ = ["FleetIdentity", "RunConfigIdentity", "app", "make_simulated_client_app"]

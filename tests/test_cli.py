@@ -173,3 +173,114 @@ def test_bench_compares_methods_on_the_same_data(tiny_model, tmp_path, capsys):
     assert code == 1 and len(err) == 1 and "nope" in err[0], err
     code, _, err = _main(["bench", "--model", str(tiny_model[0]), "--budgets", "0.5,1.5"], capsys)
     assert code != 0 and len(err) == 1 and "outside (0, 1]" in err[0], err
+
+
+# ------------------------------------------------------------------------------ issue 14: feedback
+
+
+def test_every_subcommand_help_opens_with_a_description():
+    from cutfl.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    listed = {a.dest: a.help for a in sub._choices_actions}
+    assert set(listed) == set(sub.choices)
+    for name, command in sub.choices.items():
+        assert listed[name], f"`cutfl --help` lists {name} without a description"
+        assert command.description and len(command.description) > 10, f"`cutfl {name} --help` has no description"
+
+
+@pytest.mark.parametrize("damage", ["bad-card", "bad-weights", "empty-dir"])
+def test_simulate_with_a_damaged_base_model_fails_at_once(tmp_path, damage):
+    import time
+
+    base = tmp_path / "base"
+    base.mkdir()
+    if damage == "bad-card":
+        (base / "model.json").write_text("{not json")
+        (base / "weights.pt").write_bytes(b"\0" * 16)
+    elif damage == "bad-weights":
+        from cut.checkpoint import save_model
+        from cut.data.scenes import scene_tasks
+        from cut.models import ModelConfig, build_model
+
+        save_model(base, build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32), head_hidden=8)),
+                   {"dataset": "scenes"})
+        (base / "weights.pt").write_bytes(b"PK\x03\x04 truncated")
+    start = time.monotonic()
+    proc = run_cli("simulate", "--devices", "2", "--base-model", str(base), "--out", str(tmp_path / "out"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cutfl simulate: error:") and str(base) in lines[0]
+    assert "ray" not in proc.stderr.lower() and time.monotonic() - start < 60  # refused before Ray starts
+
+
+def test_scenario_with_a_non_integer_device_count_names_the_key(tmp_path):
+    scenario = tmp_path / "many.toml"
+    scenario.write_text('[scenario]\ndevices = "many"\n')
+    proc = run_cli("simulate", str(scenario), "--out", str(tmp_path / "out"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "[scenario] devices" in lines[0] and "integer" in lines[0] and "int()" not in lines[0]
+
+
+def test_segmentation_images_come_with_a_colour_legend(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cut.infer import _render, palette
+
+    names = ["floor", "wall", "rug"]
+    logits = np.zeros((3, 4, 4), dtype=np.float32)
+    logits[2, :, :2] = 1.0  # left half rug, right half floor
+    task = {"name": "seg", "kind": "segmentation", "class_names": names}
+    info = _render(task, logits, (8, 8), tmp_path / "x.seg.png")
+    assert set(info["fractions"]) == {"floor", "rug"}
+    legend = Image.open(info["legend"]).convert("RGB")
+    assert info["legend"] == str(tmp_path / "legend.seg.png") and legend.height >= 3 * 14
+    pixels = {legend.getpixel((10, 6 + i * 20 + 7)) for i in range(len(names))}  # one swatch per class, in order
+    assert pixels == {tuple(int(c) for c in colour) for colour in palette(3)}
+
+
+def test_run_reads_the_federation_summary_from_the_log_and_knows_local_simulations(tmp_path):
+    from deploy import flwr_run
+    from server import report
+
+    assert flwr_run.SUMMARY_PREFIX == report.SUMMARY_PREFIX
+    log = ("INFO : Starting\nscore: 20/20 answered 20, excluded 0\n"
+           "\x1b[0mcutfl report: {\"status\": \"ok\", \"devices_ok\": 19, \"devices_expected\": 20, \"delta_m_mean\": -1.5}\n"
+           "INFO : done\n")
+    assert flwr_run.report_summary(log) == {"status": "ok", "devices_ok": 19, "devices_expected": 20,
+                                            "delta_m_mean": -1.5}
+    assert flwr_run.report_summary("nothing here\ncutfl report: {broken") is None
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
+                                          '[superlink.lab]\naddress = "10.0.0.1:9093"\ninsecure = true\n')
+    env = {"FLWR_HOME": str(tmp_path)}
+    assert flwr_run.is_local_simulation("local", env) and not flwr_run.is_local_simulation("lab", env)
+    assert not flwr_run.is_local_simulation("missing", env)
+    fresh = {"FLWR_HOME": str(tmp_path / "fresh")}  # no config.toml yet: Flower's own `local` simulation
+    assert flwr_run.is_local_simulation("local", fresh) and not flwr_run.is_local_simulation("lab", fresh)
+    flwr_run.check_connection("local", fresh)
+    assert flwr_run.flwr_env(base={})["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_log_follower_hands_over_lines_as_they_come_and_stops_its_process():
+    import threading
+
+    from deploy.flwr_run import LogFollower
+
+    got, second = [], threading.Event()
+
+    def on_line(line):
+        got.append(line)
+        if len(got) == 2:
+            second.set()
+
+    follower = LogFollower("conn", 1, on_line, env=dict(os.environ))
+    follower.command = [sys.executable, "-u", "-c",
+                        "import time; print('\\x1b[92mprofile: 1/2\\x1b[0m'); print('profile: 2/2'); time.sleep(120)"]
+    with follower:
+        assert second.wait(30)
+        process = follower.process
+    assert got == ["profile: 1/2", "profile: 2/2"]
+    assert process.poll() is not None  # stopped with the context, not left running

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,3 +207,104 @@ def test_write_report_files(tmp_path):
                            "| device-0003 | 50 -> 47.5 | - | - |", ""]  # only devices that were evaluated
     assert any(line.startswith("delta_m (") and "mean -1.67" in line and "min -10.00, max 10.00" in line
                for line in lines), text
+
+
+# ------------------------------------------------------------------------------ issue 14: feedback
+
+
+def test_fleet_plot_has_labelled_axes_and_whole_device_counts():
+    import matplotlib.pyplot as plt
+
+    fig = report.fleet_figure(entries(ledger()))
+    left, right = fig.axes[:2]
+    assert (left.get_xlabel(), left.get_ylabel()) == ("task subset", "devices")
+    assert (right.get_xlabel(), right.get_ylabel()) == ("status", "devices")
+    for axis in (left, right):
+        ticks = [t for t in axis.get_yticks() if axis.get_ylim()[0] <= t <= axis.get_ylim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert left.get_legend().get_title().get_text() == "budget"
+    plt.close(fig)
+
+
+def test_report_says_which_devices_never_registered_and_logs_a_summary_line(tmp_path, capsys):
+    s = settings(tmp_path, devices=8)  # the scenario expects 8; 5 registered
+    report.write_report(ledger(), s, BASE, SimpleNamespace(builds={"p1": 1, "p2": 2, "p3": 3}), {})
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert ("3 of 5 devices completed (1 rejected, 1 failed; 3 of the 8 devices the scenario expects never "
+            "registered)") in text
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith(report.SUMMARY_PREFIX)][-1]
+    logged = json.loads(line[len(report.SUMMARY_PREFIX):])
+    assert logged["devices_ok"] == 3 and logged["devices_expected"] == 8 and logged["status"] == "ok"
+    assert logged["delta_m_mean"] == pytest.approx(-5 / 3) and logged["report"] == str((tmp_path / "out").resolve())
+
+
+class _Reply:
+    def __init__(self, reply_to: str) -> None:
+        self.metadata = SimpleNamespace(reply_to_message_id=reply_to)
+        self.content = None
+
+    def has_error(self) -> bool:
+        return False
+
+
+class _TrickleGrid:
+    """Answers one pushed message per pull, so a phase's replies arrive one after another."""
+
+    def __init__(self) -> None:
+        self.pushed: list[str] = []
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.message_id = f"m{len(self.pushed)}"
+            self.pushed.append(m.metadata.message_id)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        waiting = [i for i in self.pushed if i in set(ids)]
+        return [_Reply(waiting[0])] if waiting else []
+
+
+def test_a_phase_advances_its_progress_once_per_device_as_replies_arrive(monkeypatch):
+    import contextlib
+
+    from server import exchange
+
+    seen: list[tuple[int, str]] = []
+
+    @contextlib.contextmanager
+    def recording_bar(description, total, enabled=True, plain_lines=4):
+        assert (description, total) == ("score", 3)
+        yield lambda n=1, info="": seen.append((n, info))
+
+    class _Message:
+        def __init__(self, content, dst_node_id, **kw):
+            self.content, self.metadata = content, SimpleNamespace(message_id="", dst_node_id=dst_node_id)
+
+    monkeypatch.setattr(exchange, "progress_bar", recording_bar)
+    monkeypatch.setattr(exchange, "Message", _Message)
+    monkeypatch.setattr(exchange, "content_nbytes", lambda content: 0)
+    monkeypatch.setattr(exchange, "POLL_SECONDS", 0.0)
+    book = Ledger([1, 2, 3])
+    replies = exchange.exchange(_TrickleGrid(), book, "score", "query.score", {1: None, 2: None, 3: None}, 30.0)
+    assert sorted(replies) == [1, 2, 3]
+    assert seen == [(1, "answered 1, excluded 0"), (1, "answered 2, excluded 0"), (1, "answered 3, excluded 0")]
+
+
+def test_a_simulation_with_too_few_supernodes_fails_at_once(monkeypatch):
+    from server import exchange
+
+    class InMemoryGrid:  # the simulation engine's grid: every SuperNode exists before the ServerApp starts
+        def get_node_ids(self):
+            return [11, 12]
+
+    class HttpGrid(InMemoryGrid):  # a deployment: SuperNodes may still be on their way
+        pass
+
+    monkeypatch.setattr(exchange, "SIMULATION_SETTLE_SECONDS", 0.0)
+    start = time.monotonic()
+    with pytest.raises(exchange.TooFewSuperNodes, match="2 SuperNodes but the scenario expects 20.*num-supernodes=20"):
+        exchange.wait_for_nodes(InMemoryGrid(), expected=20, timeout=120)
+    assert time.monotonic() - start < 5
+    assert exchange.wait_for_nodes(HttpGrid(), expected=20, timeout=0.0) == [11, 12]  # waits out its timeout
