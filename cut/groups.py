@@ -9,6 +9,13 @@ order) among the members whose *output* channels the group removes. That name do
 heads are present, so a group is called the same in the full model, in every decomposed model and in
 every process: plans and importance reports can name groups across the federation.
 
+Which task a module serves comes from `model.task_of_module(name)` (None: shared trunk). The cost model
+and the scoring criteria understand Conv2d (plain or depthwise), Linear and BatchNorm; a group that
+also touches any other layer with parameters (attention, LayerNorm, GroupNorm, transposed or grouped
+convolutions, embeddings, a bare nn.Parameter) is left whole and listed in `GroupAnalysis.kept_whole`
+with the reason, so a plan never prunes channels whose cost or importance cut cannot measure. The
+built-in models have no such layers.
+
 The cost model records, for each Conv2d / Linear / BatchNorm, which group (if any) controls its input
 and output channels, its kernel size, conv groups and output positions (from one forward pass). The
 parameters and MACs of the compact model a plan would build then follow in closed form (numpy, a few
@@ -134,6 +141,7 @@ class GroupAnalysis:
     groups: tuple[ChannelGroup, ...]
     cost: CostModel
     task_names: tuple[str, ...]
+    kept_whole: Mapping[str, str] = field(default_factory=dict)  # group root -> why it is never pruned
 
     @property
     def names(self) -> list[str]:
@@ -185,8 +193,9 @@ def analyse(model: MultiTaskModel) -> GroupAnalysis:
     if hit is not None:
         return hit
     dg = build_graph(model)
-    groups = _collect_groups(model, dg)
-    result = GroupAnalysis(groups=groups, cost=_cost_model(model, groups), task_names=tuple(model.task_names))
+    groups, kept_whole = _collect_groups(model, dg)
+    result = GroupAnalysis(groups=groups, cost=_cost_model(model, groups), task_names=tuple(model.task_names),
+                           kept_whole=kept_whole)
     _CACHE[key] = result
     return result
 
@@ -198,21 +207,50 @@ def pruning_group(dg: tp.DependencyGraph, model: nn.Module, name: str, idxs: lis
     return dg.get_pruning_group(module, pruner.prune_out_channels, idxs)
 
 
-def _collect_groups(model: MultiTaskModel, dg: tp.DependencyGraph) -> tuple[ChannelGroup, ...]:
+def _collect_groups(model: MultiTaskModel, dg: tp.DependencyGraph) -> tuple[tuple[ChannelGroup, ...], dict[str, str]]:
+    """The prunable groups (in named_modules order) and the groups left whole, with the reason."""
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
-    found = []
+    unmodelled = {m: why for m, n in names.items() if (why := _unmodelled(m)) is not None}
+    found, kept_whole = [], {}
     for group in dg.get_all_groups(ignored_layers=model.classifier_layers()):
         outs = [names[it.dep.target.module] for it in group
                 if it.dep.target.module in names and dg.is_out_channel_pruning_fn(it.dep.handler)]
         if not outs:
             continue
         name = min(outs, key=order.__getitem__)
+        blocked = _blocking_members(group, names, unmodelled)
+        if blocked:
+            kept_whole[name] = "; ".join(blocked)
+            continue
         size = dg.get_out_channels(model.get_submodule(name))
         # Re-root at the named module so root indices are that module's channels.
         found.append(_describe(model, dg, pruning_group(dg, model, name, list(range(size))), name, size, names))
     found.sort(key=lambda g: order[g.name])
-    return tuple(found)
+    return tuple(found), kept_whole
+
+
+def _unmodelled(module: nn.Module) -> str | None:
+    """Why channels through `module` cannot be pruned by cut (None: they can, or it has no parameters)."""
+    if isinstance(module, nn.Conv2d):
+        return f"grouped convolution (groups={module.groups})" if module.groups > 1 and not _is_depthwise(module) else None
+    if isinstance(module, (nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        return None
+    if any(True for _ in module.parameters(recurse=False)):
+        return f"{type(module).__name__} is not modelled"
+    return None
+
+
+def _blocking_members(group, names: dict, unmodelled: dict) -> list[str]:
+    """Members of a torch-pruning group that cut cannot prune, as 'module: reason' (empty: prunable)."""
+    out = []
+    for it in group:
+        module = it.dep.target.module
+        if isinstance(module, nn.Parameter):
+            out.append("a bare nn.Parameter (outside any layer) is not modelled")
+        elif module in names and module in unmodelled:
+            out.append(f"{names[module]}: {unmodelled[module]}")
+    return list(dict.fromkeys(out))
 
 
 def _describe(model, dg, group, name: str, size: int, names: dict) -> ChannelGroup:
@@ -226,9 +264,9 @@ def _describe(model, dg, group, name: str, size: int, names: dict) -> ChannelGro
         (outs if is_out else ins).append(mname)
         slices.extend(_param_slices(module, mname, is_out, it.idxs, it.root_idxs))
     touched = outs + ins
-    heads = {n.split(".")[1] for n in touched if n.startswith("heads.")}
-    tasks = tuple(t for t in model.task_names if t in heads)
-    shared = any(n.startswith("backbone.") for n in touched) or len(tasks) > 1
+    owners = [model.task_of_module(n) for n in touched]
+    tasks = tuple(t for t in model.task_names if t in owners)
+    shared = None in owners or len(tasks) > 1
     acts = tuple(n for n in dict.fromkeys(outs) if isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear)))
     return ChannelGroup(
         name=name, size=size, shared=shared, tasks=tasks, out_modules=tuple(dict.fromkeys(outs)),

@@ -221,6 +221,8 @@ def act_grad(ctx: ScoringContext) -> dict[str, Scores]:
         for obj, grads in batch_grads.items():
             for name, g in grads.items():
                 a = batch_acts[name]
+                if a.dim() > 2 and _channel_dim(ctx.model.get_submodule(name)) != 1:  # tokens: channels last
+                    a, g = a.movedim(-1, 1), g.movedim(-1, 1)
                 per_sample = (a.detach() * g).flatten(2).mean(2) if a.dim() > 2 else a.detach() * g
                 totals[obj][name] = totals[obj].get(name, 0.0) + per_sample.abs().sum(0)
     out: dict[str, Scores] = {}
@@ -380,6 +382,7 @@ def _captured_grads(ctx: ScoringContext, keys: list[tuple[str, str]]):
     copy); inputs are captured as a per-consumer alias.
     """
     captured: dict[tuple[str, str], torch.Tensor] = {}
+    channel_dims = {k: _channel_dim(ctx.model.get_submodule(k[0])) for k in keys}
     handles = []
     for module_name, io in keys:
         module = ctx.model.get_submodule(module_name)
@@ -405,7 +408,7 @@ def _captured_grads(ctx: ScoringContext, keys: list[tuple[str, str]]):
                 for i, (obj, loss_fn) in enumerate(objs):
                     grads = torch.autograd.grad(loss_fn(outputs, targets), [captured[k] for k in names],
                                                 retain_graph=i < len(objs) - 1, allow_unused=True)
-                    per_obj[obj] = {k: _channel_product(captured[k], g)
+                    per_obj[obj] = {k: _channel_product(captured[k], g, channel_dims[k])
                                     for k, g in zip(names, grads, strict=True) if g is not None}
                 yield per_obj
     finally:
@@ -413,10 +416,16 @@ def _captured_grads(ctx: ScoringContext, keys: list[tuple[str, str]]):
             h.remove()
 
 
-def _channel_product(a: torch.Tensor, g: torch.Tensor) -> np.ndarray:
-    """Per channel (dim 1) sum of a * g over the batch and every position."""
+def _channel_dim(module: nn.Module) -> int:
+    """Where a module's activations hold channels: dim 1 (N, C, ...), or last for a Linear ((N, ..., C) tokens)."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def _channel_product(a: torch.Tensor, g: torch.Tensor, channel_dim: int = 1) -> np.ndarray:
+    """Per channel (dim `channel_dim`) sum of a * g over the batch and every position."""
     prod = a.detach() * g
-    dims = [d for d in range(prod.dim()) if d != 1]
+    channel_dim %= prod.dim()
+    dims = [d for d in range(prod.dim()) if d != channel_dim]
     return prod.sum(dim=dims).double().cpu().numpy()
 
 

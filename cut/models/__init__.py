@@ -131,6 +131,11 @@ class MultiTaskModel(nn.Module):
         """Each head's final layers: their outputs are task predictions and are never pruned."""
         return [m for head in self.heads.values() for m in head.classifiers()]
 
+    def task_of_module(self, name: str) -> str | None:
+        """The task whose head holds module `name` (None: the shared backbone)."""
+        parts = name.split(".")
+        return parts[1] if len(parts) > 1 and parts[0] == "heads" else None
+
 
 def build_model(config: ModelConfig) -> MultiTaskModel:
     return MultiTaskModel(config)
