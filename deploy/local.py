@@ -6,19 +6,26 @@
         fed.start_supernode("cam-0", {"tasks": "seg,depth", ...}, key=fed.certs.node_keys[0])
         result = run_and_wait(app_dir, fed.connection, {...}, env=fed.env)
 
-Every process gets its own process group and a log file under `workdir/logs/`; `stop()` (also on leaving
-the `with` block, whatever happened inside) ends each process it started, the processes those started
-(the SuperLink's SuperExec runs in a session of its own, so it is found through /proc, by parent id),
-first with SIGTERM, then SIGKILL. Ports are free ones found by binding port 0 on the host.
+Every Flower process runs under a guard (deploy/guard.py) in a session and process group of its own, with
+a log file under `workdir/logs/`. The guard ends everything the Flower process started as soon as it exits
+(a SuperNode killed with SIGKILL takes its SuperExec and ClientApps with it), and on Linux it dies with the
+helper's process (PR_SET_PDEATHSIG): a helper killed even with SIGKILL leaves nothing running. `stop()`
+(also on leaving the `with` block, whatever happened inside, and at interpreter exit) ends each process it
+started and everything below it, first with SIGTERM, then SIGKILL. Ports are free ones found by binding
+port 0 on the host. Start a LocalFederation from a thread that outlives it: Linux delivers the parent-death
+signal when the thread that started the process ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +43,14 @@ from deploy.flwr_run import (
 )
 
 HOST = "127.0.0.1"
+GUARD = Path(__file__).resolve().with_name("guard.py")  # standard library only: run by path, fast to start
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # federations to stop at interpreter exit
+
+
+@atexit.register
+def _stop_all() -> None:
+    for federation in list(_LIVE):
+        federation.stop(grace=5.0)
 
 
 def free_port(host: str = HOST) -> int:
@@ -125,9 +140,11 @@ class LocalFederation:
 
     def _spawn(self, name: str, args: list[str]) -> Process:
         log = self.workdir / "logs" / f"{name}.log"
+        guarded = [sys.executable, str(GUARD), str(os.getpid()), "--", *args]
         with open(log, "wb") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            popen = subprocess.Popen(guarded, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, cwd=self.workdir, start_new_session=True)
+        _LIVE.add(self)
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
@@ -135,7 +152,8 @@ class LocalFederation:
     def stop(self, grace: float = 10.0) -> list[int]:
         """SIGTERM every started process group and every descendant, wait, then SIGKILL what is left.
 
-        Descendants are found by parent id, and also by the `--parent-pid PID` argument with which
+        Each started process is a guard (deploy/guard.py) that ends its own descendants on SIGTERM; they are
+        also found here by parent id, and by the `--parent-pid PID` argument with which
         SuperLink and SuperNode start their SuperExec (it outlives a parent that died early, in a session
         of its own). Returns the pids still there afterwards (normally none).
         """
@@ -143,10 +161,11 @@ class LocalFederation:
         pids: set[int] = {p.popen.pid for p in self.processes if p.popen.poll() is None}
         for pid in started:
             pids.update(descendants(pid))
+        started += list(pids)  # the Flower processes below the guards: their SuperExecs name them
         for pid in _started_for(started):
             pids.add(pid)
             pids.update(descendants(pid))
-        groups = set(started)  # start_new_session: each group id is its leader's pid (signalled even if it exited)
+        groups = {p.popen.pid for p in self.processes}  # start_new_session: each guard leads its own group
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             for pgid in groups:
                 _signal_group(pgid, sig)
@@ -166,6 +185,7 @@ class LocalFederation:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        _LIVE.discard(self)  # stopped: the atexit hook must not signal pids that may have been reused since
         return sorted(pid for pid in pids if _exists(pid))
 
     # ---------------------------------------------------------------------------------- SuperLink

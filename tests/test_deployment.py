@@ -210,12 +210,16 @@ def test_local_federation_stops_everything_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="boom"), LocalFederation(tmp_path) as fed:  # insecure: no certs
         fed.start_superlink()
         fed.start_supernode("n0", {"tasks": "seg"})
-        started = [p.popen.pid for p in fed.processes]
+        guards = [p.popen.pid for p in fed.processes]  # deploy/guard.py, each above its Flower process
+
+        def started() -> list[int]:
+            return guards + [d for pid in guards for d in descendants(pid)]
+
         deadline = time.monotonic() + 600  # a bound against hanging only: how long startup takes is not tested
-        while time.monotonic() < deadline and len(_started_for(started)) < 2:  # both SuperExecs up
+        while time.monotonic() < deadline and len(_started_for(started())) < 2:  # both SuperExecs up
             time.sleep(0.5)
-        pids = started + [d for pid in started for d in descendants(pid)] + _started_for(started)
-        assert len(_started_for(started)) >= 2 and len(set(pids)) >= 4, pids
+        pids = started() + _started_for(started())
+        assert len(_started_for(started())) >= 2 and len(set(pids)) >= 6, pids
         raise RuntimeError("boom")
     assert not fed.leftovers
     assert not [pid for pid in pids if _exists(pid)]
