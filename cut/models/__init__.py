@@ -165,7 +165,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] | None = None, in_c
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, channels, *size))
+            model(torch.zeros(1, channels, *size, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
