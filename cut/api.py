@@ -27,6 +27,11 @@ Flower around it):
     plan   = cut.plan(model, tasks, fused, 0.5, heads=..., input_shape=(3, 64, 64))
     compact = cut.build_compact(model, plan, heads=..., input_shape=(3, 64, 64))
 
+Not supported: inputs other than one float tensor (token ids, several inputs); forwards whose path depends
+on the data (Torch-Pruning traces one pass at `input_shape`); modules shared between heads or between a
+head and the trunk (give them to the trunk). Recovery of a user's model distils outputs and uses the task
+losses, without the zoo backbones' attention transfer. ONNX export (`cutfl export`) is for zoo models.
+
 Importing this module is cheap (torch is imported when a function runs), so `import cut` stays cheap.
 """
 
@@ -425,24 +430,32 @@ def _check_outputs(compact: TaskModel, dense: Mapping[str, tuple[int, ...]]) -> 
 
 
 def _average_devices(reports: Sequence[TaskScores], weights: Sequence[float] | None) -> TaskScores:
+    """Per (task, group): the weighted mean of the devices' `global`-normalised vectors (server/aggregate.py's
+    default rule with one weight per device)."""
     import numpy as np
 
     from cut import fusion
 
     if not reports:
         raise ValueError("fuse needs at least one score report")
-    weights = list(weights) if weights is not None else [1.0] * len(reports)
-    if len(weights) != len(reports):
-        raise ValueError(f"{len(weights)} weights for {len(reports)} score reports")
-    sums: dict[str, dict[str, np.ndarray]] = {}
-    totals: dict[str, float] = {}
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(reports)
+    if len(weights) != len(reports) or any(not np.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"fuse needs one finite weight >= 0 per score report ({len(weights)} for {len(reports)})")
+    collected: dict[str, dict[str, tuple[list, list]]] = {}
     for report, w in zip(reports, weights, strict=True):
         for task, groups in fusion.normalise(dict(report), "global").items():
-            acc = sums.setdefault(task, {})
             for g, v in groups.items():
-                acc[g] = acc.get(g, 0.0) + w * np.asarray(v, dtype=np.float64)
-            totals[task] = totals.get(task, 0.0) + w
-    return {t: {g: v / totals[t] if totals[t] > 0 else v for g, v in gs.items()} for t, gs in sums.items()}
+                vectors, ws = collected.setdefault(task, {}).setdefault(g, ([], []))
+                vectors.append(np.asarray(v, dtype=np.float64))
+                ws.append(w)
+    out: TaskScores = {}
+    for task, groups in collected.items():
+        out[task] = {}
+        for g, (vectors, ws) in groups.items():
+            stack, w = np.stack(vectors), np.asarray(ws)
+            mean = (w[:, None] * stack).sum(0) / w.sum() if w.sum() > 0 else stack.mean(0)
+            out[task][g] = mean.astype(np.float32)
+    return out
 
 
 __all__ = [

@@ -175,3 +175,16 @@ def test_the_example_prunes_a_torchvision_trunk_model_to_half_in_under_a_minute(
     assert seconds < 120, f"the example took {seconds:.0f} s"  # < 60 s on an idle CPU; CI machines are shared
     source = (ROOT / "examples" / "prune_your_model.py").read_text().splitlines()
     assert sum("cut." in line for line in source if not line.lstrip().startswith(("#", "from", "import"))) <= 10
+
+
+def test_fuse_over_devices_is_the_servers_default_aggregation_then_fusion():
+    from cut import fusion
+    from server.aggregate import aggregate
+
+    rng = np.random.default_rng(0)
+    a = {"seg": {"g": rng.random(4), "h": rng.random(2)}, "cls": {"g": rng.random(4)}}
+    b = {"seg": {"g": rng.random(4), "h": rng.random(2)}}
+    server = aggregate([(a, {"seg": 2.0, "cls": 2.0}), (b, {"seg": 1.0})])
+    ours = cut.fuse([a, b], weights=[2.0, 1.0])
+    for g, v in fusion.fuse(server, rule="weighted").items():
+        np.testing.assert_allclose(ours[g], v, rtol=1e-6)
