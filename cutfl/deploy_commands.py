@@ -43,8 +43,10 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("run", help="run the federation on a SuperLink and wait for its final status",
                        description="`flwr run` the cut-fl app on the SuperLink named CONNECTION (from "
-                                   "$FLWR_HOME/config.toml), then poll `flwr ls` until the run finishes. Exits 0 "
-                                   "only when the run finished as completed; otherwise one line and exit 1.")
+                                   "$FLWR_HOME/config.toml; `local` is Flower's local simulation, sized to the "
+                                   "scenario), print the run's log as it goes, then its summary (devices ok, "
+                                   "delta_m). Exits 0 only when the run finished as completed with the federation "
+                                   "ok; otherwise one line and exit 1.")
     p.add_argument("connection", help="SuperLink connection name in $FLWR_HOME/config.toml (default ~/.flwr)")
     p.add_argument("--scenario", help="scenario name or TOML path (paths are read by the ServerApp, on the "
                                       "SuperLink's machine; a relative path is made absolute here)")
