@@ -4,15 +4,28 @@ The ServerApp runs in a thread of this process with its settings bound directly 
 the run config empty); each simulated device is a ClientApp call inside a Ray actor (one per CPU core),
 built with the scenario's fleet bound in (simulations.app): devices know who they are from it, and the
 server never sends it.
+
+Stopping it: Flower's run_simulation does not end the ServerApp thread (a non-daemon thread) on SIGINT, and
+Ray's driver turns SIGTERM into SystemExit, so `cutfl simulate` stopped with either signal would hang while
+Ray's processes (raylet, GCS, workers) run on. While the simulation runs (from the main thread),
+`stop_on_signals` makes SIGTERM, SIGINT and SIGHUP end every process below this one (SIGTERM, then SIGKILL)
+and exit at once with 128 + the signal (for SIGTERM through the SystemExit that Ray's handler raises, since
+`ray.init` replaces the handler). The run directory stays consistent (every file is written
+atomically): `--resume` continues from it. A SIGKILL cannot be caught; Ray's own fate sharing
+(PR_SET_PDEATHSIG on the processes `ray.init` starts) ends raylet and GCS then, and the workers follow them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +50,68 @@ def ensure_base_model(settings: Settings, may_pretrain: bool = True) -> Path:
 
     pretrain_model(dataset, directory, progress=os.environ.get("CUTFL_NO_PROGRESS") != "1")
     return directory
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, by parent id (/proc; empty elsewhere)."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # pid (comm) state ppid ...; comm may hold spaces
+        if entry.isdigit() and len(fields) > 1:
+            tree.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def end_descendants(grace: float = 5.0) -> None:
+    """SIGTERM every process below this one, wait up to `grace` seconds, SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        pids = _descendants(os.getpid())
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _descendants(os.getpid()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)  # our own children (raylet, GCS) must not linger as zombies
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside: SIGTERM, SIGINT or SIGHUP end this process's descendants (Ray) and exit 128 + signal.
+    Outside the main thread (where Python cannot set handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(sig: int, _frame) -> None:
+        print(f"cutfl simulate: stopped by {signal.Signals(sig).name}; ending Ray's processes", file=sys.stderr)
+        try:
+            end_descendants()
+        finally:
+            os._exit(128 + sig)  # the ServerApp thread cannot be joined: leave now, the run directory is consistent
+
+    signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    except SystemExit as e:  # ray.init replaces the SIGTERM handler with sys.exit(signum)
+        if e.code != signal.SIGTERM:
+            raise
+        stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
@@ -80,8 +155,9 @@ def run_scenario(
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     start = time.perf_counter()
-    run_simulation(server_app=make_server_app(settings), client_app=make_simulated_client_app(scenario.fleet),
-                   num_supernodes=settings.devices, backend_config=backend_config(num_cpus))
+    with stop_on_signals():
+        run_simulation(server_app=make_server_app(settings), client_app=make_simulated_client_app(scenario.fleet),
+                       num_supernodes=settings.devices, backend_config=backend_config(num_cpus))
     wall = time.perf_counter() - start
     report_path = out / "report.json"
     if not report_path.is_file():
@@ -105,4 +181,4 @@ def run_scenario(
     return summary
 
 
-__all__ = ["backend_config", "ensure_base_model", "run_scenario"]
+__all__ = ["backend_config", "end_descendants", "ensure_base_model", "run_scenario", "stop_on_signals"]

@@ -92,3 +92,39 @@ def test_a_helper_that_dies_takes_its_flower_processes_with_it(tmp_path, sig):
         for pid in [*descendants(helper.pid), *below]:  # normally none; never leave one behind
             if _exists(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cutfl_simulate_stopped_by_a_signal_leaves_no_ray_process(tmp_path, sig):
+    from tests.test_federation import scenario_file, tiny_model_dir
+
+    base = tiny_model_dir(tmp_path, samples=32, epochs=1)
+    scenario = scenario_file(tmp_path, base, rounds=0, devices={0: {"tasks": ["seg"]}, 1: {"tasks": ["depth"]}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUTFL_NO_PROGRESS": "1"}
+    cli = subprocess.Popen([sys.executable, "-m", "cutfl", "simulate", str(scenario), "--out", str(tmp_path / "out"),
+                            "--quiet"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, start_new_session=True)
+    below: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and cli.poll() is None:
+            below = descendants(cli.pid)
+            if any("raylet" in " ".join(_cmdline(p)) for p in below):
+                break
+            time.sleep(0.2)
+        assert cli.poll() is None and below, "Ray did not start"
+        time.sleep(3)  # workers up
+        below = descendants(cli.pid)
+        cli.send_signal(sig)
+        cli.wait(timeout=60)
+        left = _gone_within(below, 30.0)
+        assert not left, [(p, _cmdline(p)[:3]) for p in left]
+        assert cli.returncode != 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for pid in below:
+            if _exists(pid):
+                os.kill(pid, signal.SIGKILL)
