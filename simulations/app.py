@@ -43,8 +43,8 @@ class RunConfigIdentity:
         self._fleets: dict[tuple, FleetSpec] = {}
 
     def __call__(self, context: Context, data: DataSpec | None) -> Device:
-        if "tasks" in context.node_config:
-            return node_config_device(context, data)
+        if "tasks" in context.node_config or "partition-id" not in context.node_config:
+            return node_config_device(context, data)  # a real device (or one told to name its tasks)
         return FleetIdentity(self.fleet(context.run_config))(context, data)
 
     def fleet(self, run_config) -> FleetSpec:

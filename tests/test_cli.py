@@ -284,3 +284,30 @@ def test_log_follower_hands_over_lines_as_they_come_and_stops_its_process():
         process = follower.process
     assert got == ["profile: 1/2", "profile: 2/2"]
     assert process.poll() is not None  # stopped with the context, not left running
+
+
+def test_flwr_run_client_app_plays_the_scenario_fleet_on_simulated_supernodes_only(tmp_path):
+    from types import SimpleNamespace
+
+    from cut.checkpoint import save_model
+    from cut.data.scenes import scene_tasks
+    from cut.models import ModelConfig, build_model
+    from simulations.app import RunConfigIdentity
+    from simulations.fleet import assign
+    from simulations.scenario import load_scenario
+
+    save_model(tmp_path / "base", build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32),
+                                                          head_hidden=8)), {"dataset": "scenes"})
+    identify = RunConfigIdentity()
+    run_config = {"scenario": "default", "devices": 4, "out-dir": str(tmp_path / "out"),
+                  "base-model": str(tmp_path / "base")}
+    simulated = identify(SimpleNamespace(node_config={"partition-id": 2, "num-partitions": 4}, run_config=run_config),
+                         None)
+    expected = assign(load_scenario("default", devices=4).fleet, 2, 4)
+    assert (simulated.device_id, simulated.tasks) == (expected.device_id, expected.tasks)
+    assert simulated.store_root == str((tmp_path / "out" / "store").resolve())
+    real = identify(SimpleNamespace(node_config={"tasks": "seg", "budget": 0.5, "device-id": "cam-0"},
+                                    run_config=run_config), None)
+    assert (real.device_id, real.tasks) == ("cam-0", ("seg",))
+    with pytest.raises(ValueError, match="names no tasks"):  # a real SuperNode is never given a fleet identity
+        identify(SimpleNamespace(node_config={}, run_config=run_config), None)
