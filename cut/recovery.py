@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +117,15 @@ def recover(student: MultiTaskModel, teacher: MultiTaskModel, batches: Sequence[
 
 
 def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel, batches: Sequence[Batch],
-                 config: RecoveryConfig, *, seed: int = 0, progress: bool = False) -> dict[str, dict[str, Any]]:
+                 config: RecoveryConfig, *, seed: int = 0, progress: bool = False,
+                 workers: int = 1) -> dict[str, dict[str, Any]]:
     """Recover several students of one teacher in place, sharing each batch's teacher pass; name -> stats.
 
     The batches are visited in a seeded order, reshuffled at each pass over the list. Stats give the mean
-    losses over the last 10% of steps (at least one) and each step's learning rate.
+    losses over the last 10% of steps (at least one) and each step's learning rate. `workers` > 1 steps that
+    many students at once, each on one thread (torch's thread count is set to 1 meanwhile): these models are
+    too small for two threads to share one convolution well, so students side by side use the cores better
+    (BENCHMARKS.md, "Threads"). Each student's arithmetic is then single-threaded, whatever `workers` is.
     """
     for name, s in students.items():
         missing = [t for t in s.task_names if t not in teacher.task_names]
@@ -139,24 +144,42 @@ def recover_many(students: Mapping[str, MultiTaskModel], teacher: MultiTaskModel
     cache = _TeacherCache(teacher, stages, config.head_resolution)
     order = _visit_order(len(batches), config.steps, seed)
     tail = max(1, config.steps // 10)
+    workers = max(1, min(workers, len(runs)))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    threads = torch.get_num_threads()
+    if pool is not None:  # one thread a student: this thread's CPU time is then the student's
+        torch.set_num_threads(1)
+    cpu_clock = time.thread_time if pool is not None else time.process_time
+
+    def step_one(name: str, images, targets, teacher_out, teacher_maps, lr: float) -> dict[str, float]:
+        t, cpu = time.perf_counter(), cpu_clock()
+        parts = runs[name].step(images, targets, teacher_out, teacher_maps, lr)
+        stats[name]["seconds"] += time.perf_counter() - t
+        stats[name]["cpu_seconds"] += cpu_clock() - cpu
+        return parts
+
     try:
         with progress_bar(f"recovery ({len(students)} model(s))", total=config.steps, enabled=progress) as advance:
             for step, index in enumerate(order):
                 images, targets = _split(batches[index])
                 teacher_out, teacher_maps = cache.get(index, images)
                 lr = config.lr_at(step)
-                for name, run in runs.items():
-                    t, cpu = time.perf_counter(), time.process_time()
-                    parts = run.step(images, targets, teacher_out, teacher_maps, lr)
+                args = (images, targets, teacher_out, teacher_maps, lr)
+                if pool is None:
+                    results = [step_one(name, *args) for name in runs]
+                else:
+                    results = list(pool.map(step_one, runs, *([a] * len(runs) for a in args)))
+                for name, parts in zip(runs, results, strict=True):
                     s = stats[name]
-                    s["seconds"] += time.perf_counter() - t
-                    s["cpu_seconds"] += time.process_time() - cpu
                     s["lr"].append(lr)
                     if step >= config.steps - tail:
                         for k, v in parts.items():
                             s[k] = (s[k] or 0.0) + v / tail
                 advance(1, f"lr={lr:.2e}")
     finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)
         for run in runs.values():
             run.close()
         teacher.train(teacher_was_training)

@@ -69,7 +69,8 @@ def recover_plans(book: PlanBook, base: BaseModel, settings: RecoverySettings, s
                                num_samples=settings.samples, labelled=settings.data == "pretrain")
     report["seconds_data"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
-    stats = recover_many(pending, base.model, batches, config, seed=settings.seed, progress=progress)
+    stats = recover_many(pending, base.model, batches, config, seed=settings.seed, progress=progress,
+                         workers=settings.workers)
     report["seconds"] = round(time.perf_counter() - start, 3)
     for plan_hash, student in pending.items():
         student.eval()

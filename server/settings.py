@@ -113,6 +113,8 @@ class RecoverySettings(Section):
     feature_weight: float = Field(0.0, ge=0, description="attention transfer at the backbone stages")
     freeze_bn: bool = RecoveryConfig.freeze_bn
     seed: int = 0
+    workers: int = Field(2, ge=1, description="plans trained side by side, one thread each (1: one plan at a "
+                                               "time on all of torch's threads)")
 
     def config(self) -> RecoveryConfig:
         return RecoveryConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,

@@ -100,6 +100,28 @@ def test_recover_many_equals_recover_per_student_bit_for_bit():
         assert alone["loss"] == many[name]["loss"]
 
 
+def test_students_side_by_side_equal_students_in_turn_on_one_thread():
+    """`workers` only changes how the cores are shared: with one torch thread the weights are the same bits."""
+    teacher = tiny_teacher()
+    students = {"sd": cut_student(teacher, ["seg", "depth"], 0.5), "sdn": cut_student(teacher, ["seg", "depth", "normals"], 0.3),
+                "n": cut_student(teacher, ["normals"], 0.6, seed=1)}
+    copies = {k: copy.deepcopy(v) for k, v in students.items()}
+    batches = make_batches()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        in_turn = recover_many(copies, teacher, batches, CFG, seed=3)
+        torch.set_num_threads(threads)
+        side_by_side = recover_many(students, teacher, batches, CFG, seed=3, workers=2)
+        assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(threads)
+    for name in students:
+        assert same(state(copies[name]), state(students[name])), name
+        assert in_turn[name]["loss"] == side_by_side[name]["loss"]
+        assert side_by_side[name]["cpu_seconds"] > 0
+
+
 def test_unlabelled_batches_mean_pure_distillation():
     teacher = tiny_teacher()
     student = cut_student(teacher, ["seg", "normals"], 0.5)
