@@ -4,7 +4,7 @@ real aggregation and planning, and a shared one-shot evaluation of every distinc
 Shared by benchmarks/bench_privacy.py and benchmarks/bench_attack.py. Nothing here starts Flower: what a
 federation run does per device and on the server is called directly, in one process:
 
-- device: `client.device.assign` (who the device is), `client.data.local_data` (its private samples),
+- device: `simulations.fleet.assign` (who the device is), `client.data.local_data` (its private samples),
   `client.scoring.local_scores` + `mean_one` (its per-task scores on its decomposed base model, with the
   seed the ClientApp uses), and later `client.scoring.privatise` and the float16 wire round trip;
 - server: `server.aggregate.aggregate` / `personalise` and `server.planning.PlanBook.plan`, keyed exactly as
@@ -20,6 +20,7 @@ plan hash, so a configuration that reproduces an earlier plan costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 
 from client import base as device_base  # noqa: E402
 from client.data import local_data  # noqa: E402
-from client.device import Device, assign  # noqa: E402
+from client.device import Device  # noqa: E402
 from client.scoring import local_scores, mean_one, privatise  # noqa: E402
 from cut.budget import BudgetOptions  # noqa: E402
 from cut.compact import compact_model, recalibrate_batchnorm  # noqa: E402
@@ -49,7 +50,9 @@ from cut.plan import PruningPlan  # noqa: E402
 from cut.train import evaluate, make_loader, multitask_delta  # noqa: E402
 from server.aggregate import TaskScores, aggregate, personalise  # noqa: E402
 from server.planning import BaseModel, PlanBook  # noqa: E402
-from server.settings import Settings, load_settings, resolve  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from simulations.fleet import assign  # noqa: E402
+from simulations.scenario import load_scenario, resolve  # noqa: E402
 
 CACHE = ROOT / "runs" / "fleet-scores"
 
@@ -93,17 +96,18 @@ def load_fleet(scenario: str = "default", devices: int = 100, base_model: str | 
                cache_dir: Path = CACHE, threads: int = 1, quiet: bool = False) -> Fleet:
     """The scenario's fleet of `devices` devices with their honest scores (computed once, then cached)."""
     torch.set_num_threads(threads)
-    settings = load_settings(scenario, devices=devices, base_model_dir=base_model)
-    base = BaseModel.load(settings.base_model_dir)
-    settings = resolve(settings, base.card)
+    loaded = load_scenario(scenario, devices=devices, base_model_dir=base_model)
+    base = BaseModel.load(loaded.settings.base_model_dir)
+    loaded = resolve(loaded, base.card)
+    settings, fleet_spec = loaded.settings, dataclasses.replace(loaded.fleet, store_root="")
     s = settings.scoring
     spec = {"scenario": settings.name, "devices": devices, "base": base.sha256, "criterion": s.criterion,
             "num_batches": s.num_batches, "batch_size": s.batch_size, "seed": settings.seed,
             "data": json.dumps(settings.data.__dict__, sort_keys=True, default=str),
-            "fleet": settings.fleet.to_json()}
+            "fleet": json.dumps(dataclasses.asdict(fleet_spec), sort_keys=True, default=str)}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"honest-{settings.name}-{devices}-{key}.npz"
-    fleet_devices = [assign(settings.fleet, pid, devices) for pid in range(devices)]
+    fleet_devices = [assign(fleet_spec, pid, devices) for pid in range(devices)]
     if path.is_file():
         stored = np.load(path)
         meta = json.loads(str(stored["__meta__"]))

@@ -152,9 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                               federation_config=federation, on_log=follow)
     except RunError as e:
         raise RunFailed(str(e)) from None
-    summary = report_summary(run_logs(args.connection, result.run_id)) or {}
-    if not result.ok:
+    if not result.ok:  # a stopped or failed run has no summary worth a further call to the SuperLink
         raise RunFailed(describe(result))
+    summary = report_summary(run_logs(args.connection, result.run_id)) or {}
     print(json.dumps({"run_id": result.run_id, "status": result.status, "seconds": round(result.seconds, 1),
                       **{k: summary.get(k) for k in RUN_SUMMARY_KEYS}, **run_config(args)}, indent=2))
     if summary.get("status") not in (None, "ok"):  # completed, but too few devices for the scenario's min_devices

@@ -9,6 +9,7 @@ venv's bin/ on PATH. Every process it starts is stopped at the end (`deploy.loca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -188,8 +189,11 @@ def test_every_node_stores_a_verified_compact_model_with_exactly_its_tasks(deplo
 def test_cutfl_run_fails_when_the_run_fails(deployment):
     failed = deployment["failed"]
     assert failed.returncode == 1, (failed.stdout, failed.stderr)
-    lines = failed.stderr.strip().splitlines()
-    assert len(lines) == 1 and "finished:failed" in lines[0], lines
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    # the run's live log comes first (indented); the verdict is one line, the last one
+    errors = [line for line in lines if line.startswith("cutfl run: error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1] and "finished:failed" in lines[-1], lines
+    assert all(line.startswith(("  ", "cutfl run: ")) for line in lines), lines
 
 
 @pytest.mark.slow
@@ -309,6 +313,8 @@ def _fake_flwr(monkeypatch, final_status: str) -> list[list[str]]:
     from deploy import flwr_run
 
     monkeypatch.setattr(flwr_run, "check_connection", lambda connection, env=None: None)
+    # no real `flwr log --stream` beside the canned answers: its output would race with the assertions
+    monkeypatch.setattr(flwr_run, "LogFollower", lambda connection, run_id, on_line, env=None: contextlib.nullcontext())
 
     calls: list[list[str]] = []
 
