@@ -6,6 +6,8 @@ generator seeded by the seed alone, the scoring batches (which also re-estimate 
 and the recovery batches (`cut.pipeline.seed_data`); every cell is evaluated on the same test batches.
 No cell reads a shared iterator, so the order of `methods` (or of budgets) changes no result bit.
 Recovery is the same stage with the same budget for every method (`cut.pipeline.recover`).
+`iterative` = K > 1 runs every method in K pruning steps with re-scoring and a K-th of the recovery
+between them (`cut.pipeline.prune`); the tables say so.
 
 Outputs, in `out_dir`:
 
@@ -101,6 +103,7 @@ def run_bench(
     base_sha256: str = "",
     workers: int = 1,
     progress: bool = True,
+    iterative: int = 1,
 ) -> dict[str, Any]:
     """Run every (seed, budget, method) cell; write results.json, results.md and the plot; return results.
 
@@ -112,6 +115,10 @@ def run_bench(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = expand_methods(methods)
+    if not isinstance(iterative, int) or iterative < 1:
+        raise ValueError(f"iterative must be a whole number of pruning steps >= 1, got {iterative!r}")
+    if iterative > 1 and not structured:
+        raise ValueError("iterative pruning is for structured mode only (unstructured masks are one shot)")
     if recovery is None:
         recovery = RecoveryConfig(steps=finetune_steps, batch_size=batch_size,
                                   **({"lr": finetune_lr} if finetune_lr is not None else {}))
@@ -127,7 +134,7 @@ def run_bench(
     cells = [(seed, level, method) for seed in seeds for level in levels for method in methods]
     context = _Context(base_model, decomposed, list(tasks), structured, budget_kind, criterion, fusion, normalise,
                        options, train, test_batches, batch_size, num_batches, recovery, recalibrate_bn, base_sha256,
-                       eval_batches, dense)
+                       eval_batches, dense, iterative)
     rows = _run_cells(cells, context, workers, progress)
     config = {
         "tasks": list(tasks), "budgets": levels, "budget_kind": budget_kind if structured else "sparsity",
@@ -136,6 +143,7 @@ def run_bench(
         "recovery": {**_asdict(recovery), "budget": describe_recovery(recovery)}, "criterion": criterion, "fusion": fusion,
         "normalise": normalise, "bn_recalibration": recalibrate_bn, "base_sha256": base_sha256,
         "seconds": time.perf_counter() - started, "data_seconds": data_seconds, "workers": workers,
+        "iterative": iterative,
         "dataset": dataset if isinstance(dataset, str) else type(train_set).__name__,
         "machine": {"cores": os.cpu_count(), "cpu": _cpu_model(), "torch_threads": torch.get_num_threads(),
                     "loadavg_start": load_start, "loadavg_end": _loadavg(), "platform": platform.platform()},
@@ -169,6 +177,7 @@ class _Context:
     base_sha256: str
     eval_batches: int | None
     dense: dict
+    iterative: int = 1
     seed_cache: dict = field(default_factory=dict)
 
     def data(self, seed: int) -> SeedData:
@@ -188,7 +197,7 @@ def _cell(cell: tuple[int, int, float, str]) -> tuple[int, dict[str, Any]]:
     if c.structured:
         row = _structured_row(c.base_model, c.tasks, c.budget_kind, level, method, c.criterion, c.fusion, c.normalise,
                               data, c.test_batches, seed, c.base_sha256, c.options, c.eval_batches, c.dense,
-                              c.recovery, c.recalibrate_bn)
+                              c.recovery, c.recalibrate_bn, c.iterative)
     else:
         row = _unstructured_row(c.decomposed, c.tasks, level, method, data, c.test_batches, seed, c.eval_batches,
                                 c.dense, c.recovery, c.recalibrate_bn)
@@ -255,14 +264,14 @@ def _as_list(x: float | Sequence[float]) -> list[float]:
 
 def _structured_row(base_model, tasks, kind, budget, method, criterion, fusion, normalise, data: SeedData,
                     test_batches, seed, base_sha256, options, eval_batches, dense, recovery,
-                    recalibrate_bn) -> dict[str, Any]:
+                    recalibrate_bn, iterative=1) -> dict[str, Any]:
     overrides = METHODS[method].recipe is not None
     _, plan, report = prune(
         base_model, list(tasks), kind, budget, method, criterion if overrides else None,
         fusion if overrides else None, None, test_batches, len(data.scoring), 0, seed, base_sha256,
         options=options, normalise=normalise if overrides else None, eval_batches=eval_batches,
         dense_metrics=dense, recalibrate_bn=recalibrate_bn, recovery=recovery, scoring_batches=data.scoring,
-        recovery_batches=data.recovery, progress=False,
+        recovery_batches=data.recovery, progress=False, iterative=iterative,
     )
     return {
         "method": method, "budget": budget, "seed": seed, "delta_m": report["delta_m"],
@@ -377,6 +386,7 @@ def _delta_table(results: Mapping[str, Any], key: str, title: str) -> list[str]:
         f"## {title}: delta_m (%) by method and {label}",
         "",
         f"Recovery: {rec['budget'] if key == 'delta_m' else 'none (measured before the recovery stage)'}. "
+        f"{_iterative_note(cfg, key)}"
         f"Tasks {','.join(cfg['tasks'])}; seeds {cfg['seeds']}; {cfg['num_batches']} scoring batches of "
         f"{cfg['batch_size']} (also BatchNorm re-estimation); {cfg['test_samples']} test samples; same data "
         "for every method.",
@@ -406,12 +416,23 @@ def _delta_table(results: Mapping[str, Any], key: str, title: str) -> list[str]:
     return lines
 
 
+def _iterative_note(cfg: Mapping[str, Any], key: str) -> str:
+    k = cfg.get("iterative", 1)
+    if k <= 1:
+        return ""
+    if key == "delta_m":
+        return f"Iterative: {k} pruning steps, each re-scored, the recovery split over them (same total). "
+    return f"Iterative: {k} pruning steps; measured after the last one, before the last recovery stage. "
+
+
 def results_markdown(results: Mapping[str, Any], model: MultiTaskModel) -> str:
     cfg, rows, dense = results["config"], results["rows"], results["dense"]
     methods, budgets, cells = _cells(rows)
     machine = cfg.get("machine", {})
     lines = [f"# Pruning methods compared ({cfg['dataset']}, tasks {','.join(cfg['tasks'])})", "",
-             f"Recovery budget for every method: {cfg['recovery']['budget']}. Wall time {cfg['seconds']:.0f} s on "
+             f"Recovery budget for every method: {cfg['recovery']['budget']}"
+             + (f", iterative pruning in {cfg['iterative']} steps" if cfg.get("iterative", 1) > 1 else "")
+             + f". Wall time {cfg['seconds']:.0f} s on "
              f"{machine.get('cores', '?')} cores ({machine.get('cpu', '?')}), load average "
              f"{machine.get('loadavg_start')} at start, {machine.get('loadavg_end')} at end.", ""]
     lines += _delta_table(results, "delta_m", "After recovery")

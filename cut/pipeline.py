@@ -16,6 +16,13 @@ batches, so every method scores and trains on byte-identical batches.
 Recovery is one stage for every method (`cut.recovery.recover`, configured by a `RecoveryConfig`,
 visiting the recovery batches in an order seeded by the run's seed); its budget (steps x batch size,
 learning rate, schedule, distillation) is reported with every result (`describe_recovery`).
+
+Iterative mode (`iterative=K` > 1): prune in K steps, each removing the same fraction of what remains
+(the kept fraction after step k is budget^(k/K)), re-scoring the current compact model with the method's
+own criterion and re-estimating BatchNorm before each step, and recovering after each step for a K-th of
+the recovery steps (its own warm-up + cosine; the teacher is always the dense decomposed model), so the
+total recovery budget is the same as one shot's. The returned plan is the composition of the K plans,
+a plan of the decomposed model like a one-shot plan.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from cut.budget import BudgetOptions, check_budget
 from cut.checkpoint import state_dict_bytes
 from cut.compact import compact_model, recalibrate_batchnorm
 from cut.importance import Batch
-from cut.methods import PlanRequest, canonical, plan_with
+from cut.methods import PlanRequest, PlanResult, canonical, plan_with
 from cut.models import MultiTaskModel, count_macs, count_params
 from cut.plan import PruningPlan
 from cut.progress import progress_bar
@@ -151,6 +158,7 @@ def prune(
     scoring_batches: list[Batch] | None = None,
     recovery_batches: Sequence[Batch] | None = None,
     progress: bool = True,
+    iterative: int = 1,
 ) -> tuple[MultiTaskModel, PruningPlan, dict[str, Any]]:
     """Prune `base_model` for `tasks` to the budget; returns (compact model, plan, report).
 
@@ -160,9 +168,13 @@ def prune(
     recovery stage, `cut.recovery.recover` with `recovery` (else `finetune_steps` steps, at `finetune_lr` if
     given), distilled from the dense decomposed model.
     `dense_metrics` (the decomposed model's metrics on `test_loader`) may be passed to skip evaluating
-    the dense model again when several methods share one base model.
+    the dense model again when several methods share one base model. `iterative` = K > 1 prunes in K
+    steps with recovery between them (module docstring); "before recovery" is then the model after the
+    last pruning step, before the last recovery stage.
     """
     check_budget(budget_kind, budget_value)
+    if not isinstance(iterative, int) or iterative < 1:
+        raise ValueError(f"iterative must be a whole number of pruning steps >= 1, got {iterative!r}")
     method = canonical(method)
     if recovery is None:
         recovery = RecoveryConfig(steps=finetune_steps)
@@ -177,43 +189,67 @@ def prune(
     batches = list(scoring_batches) if scoring_batches is not None else _take(train_loader, num_batches)
     seconds["data"] = time.perf_counter() - t
 
-    with progress_bar(f"pruning ({method})", total=3, enabled=progress) as advance:
-        request = PlanRequest(
-            model=decomposed, batches=batches, tasks=tuple(tasks), budget_kind=budget_kind,
-            budget_value=float(budget_value), options=options or BudgetOptions(), seed=seed,
-            base_model_sha256=base_sha256, priorities=dict(priorities or {}),
-        )
-        result = plan_with(method, request, criterion=criterion, fusion_rule=fusion, normalise=normalise)
-        seconds.update(result.seconds)
-        advance(1, "planned")
-        t = time.perf_counter()
-        compact = compact_model(decomposed, result.plan)
-        seconds["compaction"] = time.perf_counter() - t
-        seconds["prune_total"] = sum(seconds[k] for k in ("scoring", "fusion", "planning", "compaction"))
-        t = time.perf_counter()
-        if recalibrate_bn and batches:
-            recalibrate_batchnorm(compact, batches)
-        seconds["bn_recalibration"] = time.perf_counter() - t
-        advance(1, "compacted")
-
-        t = time.perf_counter()
-        metrics: dict[str, Any] = {}
-        if test_loader is not None:
-            metrics["dense"] = dense_metrics or evaluate(decomposed, test_loader, list(tasks), eval_batches)
-            if recovery.steps > 0:
-                metrics["compact_before_recovery"] = evaluate(compact, test_loader, list(tasks), eval_batches)
-        seconds["evaluate"] = time.perf_counter() - t
-        advance(1, "evaluated dense")
-
-    t = time.perf_counter()
-    report_recovery: dict[str, Any] = {}
+    data: list[Batch] = []
     if recovery.steps > 0:
         data = list(recovery_batches) if recovery_batches is not None else _take(train_loader, recovery.steps)
         if not data:
             raise ValueError("recovery needs recovery_batches or a train_loader")
-        report_recovery = recover(compact, decomposed, data, recovery, seed=seed, progress=progress)
-    compact.eval()
-    seconds["recovery"] = time.perf_counter() - t
+    stage_steps = [recovery.steps // iterative + (1 if k < recovery.steps % iterative else 0)
+                   for k in range(iterative)][::-1]  # the remainder goes to the last stages
+    measure = count_params if budget_kind == "params" else count_macs
+    dense_size = measure(decomposed)
+    metrics: dict[str, Any] = {}
+    report_recovery: dict[str, Any] = {}
+    seconds.update({"scoring": 0.0, "fusion": 0.0, "planning": 0.0, "compaction": 0.0, "bn_recalibration": 0.0,
+                    "recovery": 0.0, "evaluate": 0.0})
+    model, plans, result = decomposed, [], None
+    with progress_bar(f"pruning ({method})", total=2 * iterative + 1, enabled=progress) as advance:
+        for k in range(iterative):
+            # The kept fraction after step k+1 is budget^((k+1)/K), asked of the current model as a fraction of
+            # its own size (the planner's budget is relative to the model it is given).
+            target = float(budget_value) if k == iterative - 1 else float(budget_value) ** ((k + 1) / iterative)
+            value = min(1.0, target * dense_size / measure(model)) if k else target
+            request = PlanRequest(
+                model=model, batches=batches, tasks=tuple(tasks), budget_kind=budget_kind,
+                budget_value=value, options=options or BudgetOptions(), seed=seed,
+                base_model_sha256=base_sha256, priorities=dict(priorities or {}),
+            )
+            result = plan_with(method, request, criterion=criterion, fusion_rule=fusion, normalise=normalise)
+            for key, v in result.seconds.items():
+                seconds[key] = seconds.get(key, 0.0) + v
+            plans.append(result.plan)
+            advance(1, f"planned step {k + 1}/{iterative}")
+            t = time.perf_counter()
+            model = compact_model(model, result.plan)
+            seconds["compaction"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if recalibrate_bn and batches:
+                recalibrate_batchnorm(model, batches)
+            seconds["bn_recalibration"] += time.perf_counter() - t
+            last = k == iterative - 1
+            t = time.perf_counter()
+            if test_loader is not None and last:
+                metrics["dense"] = dense_metrics or evaluate(decomposed, test_loader, list(tasks), eval_batches)
+                if recovery.steps > 0:
+                    metrics["compact_before_recovery"] = evaluate(model, test_loader, list(tasks), eval_batches)
+            seconds["evaluate"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if stage_steps[k] > 0:
+                stage = replace(recovery, steps=stage_steps[k]) if iterative > 1 else recovery
+                # one stage: the run's seed (as one shot); stage k of K: its own visit order
+                report_recovery = recover(model, decomposed, data, stage, seed=seed if iterative == 1
+                                          else seed * 7919 + k, progress=progress)
+            seconds["recovery"] += time.perf_counter() - t
+            advance(1, f"recovered step {k + 1}/{iterative}")
+        compact = model
+        compact.eval()
+        seconds["prune_total"] = sum(seconds[k] for k in ("scoring", "fusion", "planning", "compaction"))
+        plan = plans[0] if iterative == 1 else _compose(plans, decomposed, budget_kind, float(budget_value), method,
+                                                          dense_size, measure(compact))
+        result = PlanResult(plan, result.seconds, {**result.info, "iterative": iterative,
+                                                   "step_plans": [p.plan_hash for p in plans]}
+                            if iterative > 1 else result.info)
+        advance(1, "evaluated")
 
     t = time.perf_counter()
     if test_loader is not None:
@@ -222,11 +258,25 @@ def prune(
 
     report = _report(base_model, decomposed, compact, result, metrics, seconds)
     report.update({"tasks": list(tasks), "method": method, "seed": seed, "num_batches": len(batches),
+                   "iterative": iterative,
                    "bn_recalibrated": bool(recalibrate_bn and batches),
                    "recovery": {**asdict(recovery), "budget": describe_recovery(recovery),
                                 "final_loss": report_recovery.get("loss")},
                    "budget": {"kind": budget_kind, "value": float(budget_value)}})
     return compact, result.plan, report
+
+
+def _compose(plans: list[PruningPlan], decomposed: MultiTaskModel, budget_kind: str, budget_value: float,
+             method: str, dense_size: int, final_size: int) -> PruningPlan:
+    """The plan of the decomposed model that keeps what K successive plans (each of the previous compact
+    model, whose channels are the kept ones in order) keep."""
+    first = plans[0]
+    keep = {g: tuple(idx) for g, idx in first.keep.items()}
+    for later in plans[1:]:
+        keep = {g: tuple(idx[i] for i in later.keep[g]) if g in later.keep else idx for g, idx in keep.items()}
+    achieved = {f"{budget_kind}_ratio": final_size / dense_size}
+    return PruningPlan(base_model_sha256=first.base_model_sha256, tasks=first.tasks, keep=keep, group_sizes=dict(first.group_sizes), budget_kind=budget_kind,
+                       budget_value=budget_value, method=f"{method} (iterative {len(plans)})", achieved=achieved)
 
 
 def _take(loader: Iterable | None, n: int) -> list:

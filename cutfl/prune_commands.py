@@ -21,6 +21,16 @@ def _fractions(text: str) -> list[float]:
     return [budget_fraction(item) for item in _csv(text)]
 
 
+def _steps(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--iterative needs a whole number of pruning steps >= 1, got {text!r}")
+    return k
+
+
 def _seeds(text: str) -> list[int]:
     """'3' -> seeds 0, 1, 2; '0,5,9' -> those seeds."""
     try:
@@ -92,6 +102,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         base, tasks, kind, value, method=args.method, criterion=args.criterion, fusion=args.fusion,
         test_loader=test_batches, seed=args.seed, base_sha256=card["weights_sha256"], recovery=recovery,
         scoring_batches=data.scoring, recovery_batches=data.recovery, progress=not args.quiet,
+        iterative=args.iterative,
     )
     out: Path = args.out
     save_model(out, compact, {
@@ -131,6 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dataset_kwargs=kwargs, train_samples=args.train_samples, test_samples=args.test_samples,
         batch_size=args.batch_size, num_batches=args.num_batches, criterion=args.criterion, fusion=args.fusion,
         recovery=_recovery(args), workers=args.workers, progress=not args.quiet, base_sha256=card["weights_sha256"],
+        iterative=args.iterative,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/delta_m_vs_budget.png",
@@ -156,6 +168,9 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
                                                                         "warm-up + cosine)")
         p.add_argument("--recovery-distill", type=float, default=0.5,
                        help="weight of output distillation from the dense model; 1 - it weighs the task losses")
+        p.add_argument("--iterative", type=_steps, default=1, metavar="K",
+                       help="prune in K steps, re-scoring and recovering between them (the recovery steps are "
+                            "split over the K steps, same total; default 1: one shot)")
         p.add_argument("--train-samples", type=int, default=512, help="training samples available for scoring/fine-tune")
         p.add_argument("--test-samples", type=int, default=256, help="test samples to evaluate on")
         p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")

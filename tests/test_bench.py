@@ -128,3 +128,73 @@ def test_t_quantiles():
     assert t975(1) == 12.706 and t975(2) == 4.303 and t975(22) == 2.086 and t975(1000) == 1.96
     with pytest.raises(ValueError):
         t975(0)
+
+
+def test_iterative_prunes_in_steps_with_the_same_total_recovery(data, monkeypatch):
+    import cut.pipeline as pipeline
+    from cut.compact import compact_model
+    from cut.models import count_params
+
+    train, test = Samples.from_dataset(data[0]), Samples.from_dataset(data[1])
+    recovery = RecoveryConfig(steps=5, batch_size=4)
+    d = seed_data(train, 0, 4, 2, recovery)
+    planned, stages = [], []
+    real_plan, real_recover = pipeline.plan_with, pipeline.recover
+
+    def spy_plan(method, request, **kw):
+        planned.append((count_params(request.model), request.budget_value))
+        return real_plan(method, request, **kw)
+
+    def spy_recover(student, teacher, batches, config, **kw):
+        stages.append((count_params(student), config.steps, kw["seed"]))
+        return real_recover(student, teacher, batches, config, **kw)
+
+    monkeypatch.setattr(pipeline, "plan_with", spy_plan)
+    monkeypatch.setattr(pipeline, "recover", spy_recover)
+    base = tiny_base()
+    compact, plan, report = pipeline.prune(base, TASKS, "params", 0.4, "cut", test_loader=test.batches(4), seed=0,
+                                           options=OPTIONS, recovery=recovery, scoring_batches=d.scoring,
+                                           recovery_batches=d.recovery, progress=False, iterative=3)
+    dense = count_params(base.decompose(TASKS))
+    # three plans, each of the model the previous step left (re-scored on it), each removing a share of it
+    assert len(planned) == 3 and planned[0][0] == dense and planned[1][0] < dense and planned[2][0] < planned[1][0]
+    assert planned[0][1] == pytest.approx(0.4 ** (1 / 3))
+    # recovery after every step, 5 steps in all (2 + 2 + 1 would also be 5; the remainder goes last), each
+    # stage on the model just pruned, with its own visit order
+    assert [s[1] for s in stages] == [1, 2, 2] and [s[0] for s in stages] == [p[0] for p in planned[1:]] + [
+        count_params(compact)]
+    assert len({s[2] for s in stages}) == 3
+    assert report["params_ratio"] <= 0.4 + 1e-9 and report["params_ratio"] > 0.3 and report["iterative"] == 3
+    assert report["method_info"]["iterative"] == 3 and len(report["method_info"]["step_plans"]) == 3
+    # the returned plan is one plan of the decomposed model: applied to it, it gives the compact's shapes
+    rebuilt = compact_model(base.decompose(TASKS), plan)
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in compact.named_parameters()}
+    assert "delta_m" in report and "delta_m_before_recovery" in report
+
+
+def test_bench_iterative_is_stated_and_checked(data, tmp_path):
+    results = run_bench(tiny_base(), data, TASKS, [0.5], ["l1", "cut"], [0], 0, tmp_path, batch_size=4,
+                        num_batches=2, options=OPTIONS, progress=False, recovery=RecoveryConfig(steps=2, batch_size=4),
+                        iterative=2)
+    assert results["config"]["iterative"] == 2
+    assert all(r["method_info"]["iterative"] == 2 for r in results["rows"])
+    md = (tmp_path / "results.md").read_text()
+    assert "iterative pruning in 2 steps" in md and "Iterative: 2 pruning steps" in md
+    with pytest.raises(ValueError, match="iterative"):
+        run_bench(tiny_base(), data, TASKS, [0.5], ["cut"], [0], 0, tmp_path, iterative=0, progress=False)
+    with pytest.raises(ValueError, match="structured mode only"):
+        run_bench(tiny_base(), data, TASKS, [0.5], ["cut"], [0], 0, tmp_path, structured=False, iterative=2,
+                  progress=False)
+
+
+def test_cli_iterative_flag():
+    import argparse
+
+    from cutfl.prune_commands import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    assert parser.parse_args(["bench", "--iterative", "3"]).iterative == 3
+    assert parser.parse_args(["bench"]).iterative == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--iterative", "0"])
