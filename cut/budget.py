@@ -1,6 +1,7 @@
 """From fused channel scores and a budget to a PruningPlan (CUT step 4, without touching a model).
 
-A budget is a fraction of the *decomposed* model (its parameters or its MACs) that may remain. Channels
+A budget is a fraction of the *decomposed* model (its parameters, its MACs, or its latency measured on the
+device: `cut.latency`, passed as `BudgetOptions.latency`) that may remain. Channels
 are ranked globally by their fused score divided by what one channel of their group costs (`cost_aware`,
 the default: the parameters or MACs that removing one channel from the dense model saves), so the
 budget buys the most importance per parameter; `cost_aware=False` ranks by score alone. Measured on
@@ -16,6 +17,10 @@ rounded up to an allowed count) for the most channels whose cost is within budge
 that adds the next-best allowed step of any group while the budget still holds. Costs come from the
 analytic cost model of `cut.groups`, so a plan for any budget takes milliseconds. The reached fraction is
 never above the budget and, where the granularity allows, within 1 percentage point below it.
+
+A latency budget plans against the device's measured table (`cut.latency.LatencyCost`) with the
+table's measured channel multiple as `round_to`, and leaves whole the groups whose pruning saves no
+measurable time there (`cut.latency.no_saving_groups`): channels that cost nothing are not traded.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from cut.groups import CostModel, GroupAnalysis
 from cut.plan import PruningPlan
 
-BUDGET_KINDS = ("params", "macs")
+BUDGET_KINDS = ("params", "macs")  # analytic: plannable from the model alone
+LATENCY = "latency"  # needs a latency table measured on the device (BudgetOptions.latency)
+ALL_BUDGET_KINDS = (*BUDGET_KINDS, LATENCY)
 
 
 @dataclass(frozen=True)
@@ -39,12 +47,14 @@ class BudgetOptions:
     min_fraction: float = 0.25
     round_to: int = 8  # kept counts are multiples of round_to (or the whole group)
     cost_aware: bool = True  # rank channels by score / (what one channel of its group costs)
+    latency: Any = None  # cut.latency.LatencyTable: needed by (and only used for) a latency budget
+    keep_whole: frozenset[str] = frozenset()  # groups never pruned (a latency budget adds its no-saving ones)
 
 
 def check_budget(kind: str, value: float) -> None:
-    """ValueError naming the problem if the budget is not (params|macs, a fraction in (0, 1])."""
-    if kind not in BUDGET_KINDS:
-        raise ValueError(f"budget kind {kind!r} is not supported here; use one of {', '.join(BUDGET_KINDS)}")
+    """ValueError naming the problem if the budget is not (params|macs|latency, a fraction in (0, 1])."""
+    if kind not in ALL_BUDGET_KINDS:
+        raise ValueError(f"budget kind {kind!r} is not supported here; use one of {', '.join(ALL_BUDGET_KINDS)}")
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
         raise ValueError(f"budget value {value!r} must be a fraction in (0, 1] of the decomposed model")
 
@@ -62,6 +72,47 @@ def allowed_counts(size: int, options: BudgetOptions) -> np.ndarray:
     return np.asarray(sorted(counts), dtype=np.int64)
 
 
+def cost_for(analysis: GroupAnalysis, kind: str, options: BudgetOptions) -> tuple[Any, BudgetOptions]:
+    """(cost model, options) for planning `kind`: the analytic model, or for latency the device's table
+    with its measured channel multiple and its no-saving groups kept whole."""
+    if kind != LATENCY:
+        return analysis.cost, options
+    if options.latency is None:
+        raise ValueError("a latency budget needs a latency table measured on the device "
+                         "(cut.latency.table_for; BudgetOptions(latency=...))")
+    from cut.latency import latency_cost, no_saving_groups
+
+    cost = latency_cost(analysis, options.latency)
+    options = replace(options, round_to=int(options.latency.round_to))
+    lowest = {g.name: int(allowed_counts(g.size, options)[0]) for g in analysis.groups}
+    whole = no_saving_groups(cost, lowest)
+    return cost, replace(options, keep_whole=frozenset(options.keep_whole) | whole)
+
+
+def group_allowed(cost, options: BudgetOptions) -> dict[str, np.ndarray]:
+    """Allowed kept counts per group (a group in options.keep_whole may only stay whole)."""
+    out = {}
+    for i, g in enumerate(cost.group_names):
+        size = int(cost.group_sizes[i])
+        out[g] = np.asarray([size], dtype=np.int64) if g in options.keep_whole else allowed_counts(size, options)
+    return out
+
+
+def achieved_of(cost, kind: str, kept: np.ndarray) -> dict[str, float]:
+    """What a plan reaches: params / MACs (ratios and counts), and for latency the predicted ms and ratio."""
+    params, macs = cost.evaluate(kept)
+    out = {
+        "params_ratio": params / cost.dense_params,
+        "macs_ratio": macs / cost.dense_macs if cost.dense_macs else 1.0,
+        "params": float(params),
+        "macs": float(macs),
+    }
+    if kind == LATENCY:
+        out["latency_ms_predicted"] = cost.cost(kind, kept) / 1e6
+        out["latency_ratio_predicted"] = cost.cost(kind, kept) / cost.dense(kind)
+    return out
+
+
 def make_plan(
     fused: Mapping[str, np.ndarray],
     analysis: GroupAnalysis,
@@ -72,10 +123,9 @@ def make_plan(
     tasks: tuple[str, ...] | list[str] | None = None,
     method: str = "cut",
 ) -> PruningPlan:
-    """The plan that keeps the best channels while params/MACs stay within `budget_value` of dense."""
+    """The plan that keeps the best channels while params/MACs/latency stay within `budget_value` of dense."""
     check_budget(budget_kind, budget_value)
-    options = options or BudgetOptions()
-    cost = analysis.cost
+    cost, options = cost_for(analysis, budget_kind, options or BudgetOptions())
     names = list(cost.group_names)
     missing = [g for g in names if g not in fused]
     if missing:
@@ -83,18 +133,12 @@ def make_plan(
     order = {g: np.argsort(-np.asarray(fused[g], dtype=np.float64), kind="stable") for g in names}
     scale = channel_costs(cost, budget_kind) if options.cost_aware else np.ones(len(names))
     ranked = {g: np.asarray(fused[g], dtype=np.float64)[order[g]] / scale[j] for j, g in enumerate(names)}
-    allowed = {g: allowed_counts(int(cost.group_sizes[i]), options) for i, g in enumerate(names)}
+    allowed = group_allowed(cost, options)
     target = budget_value * cost.dense(budget_kind)
     kept = _threshold_search(names, ranked, allowed, cost, budget_kind, target)
     kept = _greedy_fill(names, ranked, allowed, cost, budget_kind, target, kept)
     keep = {g: tuple(sorted(int(i) for i in order[g][: int(kept[j])])) for j, g in enumerate(names)}
-    params, macs = cost.evaluate(kept)
-    achieved = {
-        "params_ratio": params / cost.dense_params,
-        "macs_ratio": macs / cost.dense_macs if cost.dense_macs else 1.0,
-        "params": float(params),
-        "macs": float(macs),
-    }
+    achieved = achieved_of(cost, budget_kind, kept)
     return PruningPlan(
         base_model_sha256=base_model_sha256,
         tasks=tuple(tasks if tasks is not None else analysis.task_names),
@@ -107,7 +151,7 @@ def make_plan(
     )
 
 
-def channel_costs(cost: CostModel, kind: str) -> np.ndarray:
+def channel_costs(cost: CostModel, kind: str) -> np.ndarray:  # latency: ns, so the floor of 1 is tiny
     """Per group: what removing one channel from the dense model saves (params or MACs), at least 1."""
     dense = cost.cost(kind, cost.group_sizes)
     out = np.empty(len(cost.group_names))
@@ -172,13 +216,14 @@ def _greedy_fill(names, ranked, allowed, cost: CostModel, kind: str, target: flo
     return kept
 
 
-def uniform_keep_fraction(analysis: GroupAnalysis, budget_kind: str, budget_value: float) -> float:
+def uniform_keep_fraction(analysis: GroupAnalysis, budget_kind: str, budget_value: float,
+                          options: BudgetOptions | None = None) -> float:
     """The channel fraction r at which keeping r of every group meets the budget (continuous counts).
 
     Used as the per-task keep fraction of DiSparse's union arbiter, whose top-k counts units, not cost.
     """
     check_budget(budget_kind, budget_value)
-    cost = analysis.cost
+    cost, _ = cost_for(analysis, budget_kind, options or BudgetOptions())
     target = budget_value * cost.dense(budget_kind)
     lo, hi = 0.0, 1.0
     for _ in range(40):
@@ -191,10 +236,15 @@ def uniform_keep_fraction(analysis: GroupAnalysis, budget_kind: str, budget_valu
 
 
 __all__ = [
+    "ALL_BUDGET_KINDS",
     "BUDGET_KINDS",
+    "LATENCY",
     "BudgetOptions",
+    "achieved_of",
     "allowed_counts",
     "check_budget",
+    "cost_for",
+    "group_allowed",
     "make_plan",
     "min_keep",
     "uniform_keep_fraction",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cut import fusion
-from cut.budget import BudgetOptions, allowed_counts, check_budget, make_plan
+from cut.budget import BudgetOptions, check_budget, cost_for, group_allowed, make_plan
 from cut.groups import GroupAnalysis
 from cut.importance import Batch
 from cut.models import MultiTaskModel
@@ -157,11 +157,10 @@ def uniform_counts(analysis: GroupAnalysis, budget_kind: str, budget_value: floa
     reached fraction is close to the budget although allowed counts are coarse (multiples of round_to).
     """
     check_budget(budget_kind, budget_value)
-    options = options or BudgetOptions()
-    cost = analysis.cost
+    cost, options = cost_for(analysis, budget_kind, options or BudgetOptions())
     names = list(cost.group_names)
     sizes = {g: int(s) for g, s in zip(names, cost.group_sizes, strict=True)}
-    allowed = {g: allowed_counts(sizes[g], options) for g in names}
+    allowed = group_allowed(cost, options)
     target = budget_value * cost.dense(budget_kind)
 
     def floor_allowed(g: str, x: float) -> int:
@@ -230,10 +229,9 @@ def union_plan(
     score); q is bisected to the largest fraction whose plan meets the budget.
     """
     check_budget(budget_kind, budget_value)
-    options = options or BudgetOptions()
-    cost = analysis.cost
+    cost, options = cost_for(analysis, budget_kind, options or BudgetOptions())
     names = list(cost.group_names)
-    allowed = {g: allowed_counts(int(s), options) for g, s in zip(names, cost.group_sizes, strict=True)}
+    allowed = group_allowed(cost, options)
     target = budget_value * cost.dense(budget_kind)
 
     def at(q: float) -> tuple[dict[str, np.ndarray], dict[str, int]]:

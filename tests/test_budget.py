@@ -81,6 +81,8 @@ def test_budgets_outside_the_unit_interval_are_rejected(analysis, value):
 
 def test_unknown_kind_and_unreachable_budget_are_rejected(analysis):
     with pytest.raises(ValueError, match="budget kind"):
+        make_plan(random_scores(analysis), analysis, "energy", 0.5)
+    with pytest.raises(ValueError, match="latency table"):  # latency needs the device's measured table
         make_plan(random_scores(analysis), analysis, "latency", 0.5)
     with pytest.raises(ValueError, match="unreachable"):
         make_plan(random_scores(analysis), analysis, "params", 0.001)

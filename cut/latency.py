@@ -1,0 +1,627 @@
+"""A latency cost model measured on the machine that will run the model (onnxruntime, batch 1).
+
+Parameters and MACs follow from shapes; time does not: per-call overheads, vector widths and layer
+shapes decide it (issue 16: at params 0.5 the compact models ran only 0.76x as fast as their MAC
+reduction promised). So a device times its own runtime and the planner budgets against that table.
+
+The table (`LatencyTable`), measured in a few seconds and cached per (base model sha256, tasks, input
+size, runtime, threads):
+
+- per Conv2d / Linear layer of the decomposed model, the time of that layer exported alone (one ONNX
+  node with its input shape; BatchNorm is folded into the conv by the runtime, ReLU fused) at a grid of
+  kept input x output channels, less the runtime's per-call cost (`call_overhead_us`, paid once by the
+  whole model, not per layer); a layer's count follows the group controlling it, or is fixed;
+- `round_to`: the channel multiple this runtime runs fastest, measured on a probe conv (for each
+  multiple m, is rounding a count up to m free?) rather than assumed;
+- a calibration from whole-model probes (the dense decomposed model and uniformly thinned ones, timed
+  interleaved): the measured time as a piecewise-linear, non-decreasing function of the sum of layer
+  times through the probes, so the graph's fixed cost (resizes, adds, dispatch: the overhead) and the
+  in-graph vs alone difference are absorbed. A straight line (overhead + scale * sum) was tried first:
+  on this machine its fitted overhead came out negative and it missed the 0.5 probe by 14%.
+
+`LatencyCost` turns a table into a cost model like `cut.groups.CostModel`: cost("latency", kept)
+interpolates every layer's time bilinearly at its kept (in, out) counts, sums them and maps the sum
+through the calibration (in nanoseconds, so per-channel savings stay above the planner's floor of 1 unit). Costs are additive per
+layer and monotone in every count (the measured grids are made monotone), as the planner's search
+assumes. Groups whose pruning to their minimum saves less than `MIN_SAVING` of the dense time are left
+whole for a latency budget (`no_saving_groups`).
+
+torch is needed to measure (the model's shapes, the whole-model probes); planning from a table that
+arrived over the wire needs only numpy. onnx / onnxruntime are imported lazily, as in cut.infer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_FORMAT = "cut-fl-latency/1"
+MAX_GRID = 6  # points per axis of a layer's grid
+MAX_LAYERS = 4096  # a table describes at most this many layers (wire bound, cut.messages)
+MIN_SAVING = 0.01  # a group saving less than this fraction of the dense time is not pruned for latency
+ROUND_CANDIDATES = (1, 2, 4, 8, 16, 32)
+ROUND_TOLERANCE = 0.03  # rounding up to a multiple is "free" if it costs at most this much time (median)
+LAYER_RUNS = 15
+LAYER_WARMUP = 3
+WHOLE_WARMUP = 5
+PROBE_FRACTIONS = (1.0, 0.75, 0.5, 0.3, 0.15)  # whole-model probes for the calibration: dense and two thinned
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One layer's measured time (microseconds) at `cin[i]` input x `cout[j]` output channels."""
+
+    name: str
+    cin: tuple[int, ...]
+    cout: tuple[int, ...]
+    us: tuple[tuple[float, ...], ...]
+
+    def check(self) -> None:
+        if not self.cin or not self.cout or len(self.cin) > MAX_GRID or len(self.cout) > MAX_GRID:
+            raise ValueError(f"latency table layer {self.name!r}: grid must have 1..{MAX_GRID} points per axis")
+        for axis in (self.cin, self.cout):
+            if any(int(c) != c or c < 1 for c in axis) or list(axis) != sorted(set(axis)):
+                raise ValueError(f"latency table layer {self.name!r}: channel grid {axis} must be increasing "
+                                 "positive integers")
+        if len(self.us) != len(self.cin) or any(len(row) != len(self.cout) for row in self.us):
+            raise ValueError(f"latency table layer {self.name!r}: times are not {len(self.cin)} x {len(self.cout)}")
+        if not all(math.isfinite(t) and 0 <= t < 1e9 for row in self.us for t in row):
+            raise ValueError(f"latency table layer {self.name!r}: times must be finite, >= 0 and < 1e9 us")
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """What a device measured about its runtime for one decomposed model (see the module docstring)."""
+
+    base_model_sha256: str
+    tasks: tuple[str, ...]
+    input_size: tuple[int, int]
+    runtime: str  # e.g. "onnxruntime 1.32.0 CPU"
+    threads: int
+    round_to: int
+    calibration: tuple[tuple[float, float], ...]  # (sum of layer times ms, measured whole-model ms), by sum
+    dense_ms: float  # measured median of the dense decomposed model
+    layers: tuple[LayerTiming, ...]
+    probes: tuple[float, ...] = ()  # uniform keep fraction of each calibration point (for the record)
+    seconds: float = 0.0  # how long measuring took
+    format: str = TABLE_FORMAT
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming the problem unless the table is usable (also run on a table from the wire)."""
+        if self.format != TABLE_FORMAT:
+            raise ValueError(f"latency table format {self.format!r} is not {TABLE_FORMAT!r}")
+        if not self.layers or len(self.layers) > MAX_LAYERS:
+            raise ValueError(f"latency table must describe 1..{MAX_LAYERS} layers, got {len(self.layers)}")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError("latency table names a layer twice")
+        for layer in self.layers:
+            layer.check()
+        if not (isinstance(self.threads, int) and 1 <= self.threads <= 1024):
+            raise ValueError(f"latency table threads {self.threads!r} must be 1..1024")
+        if self.round_to not in ROUND_CANDIDATES:
+            raise ValueError(f"latency table round_to {self.round_to!r} must be one of {ROUND_CANDIDATES}")
+        if not 1 <= len(self.calibration) <= MAX_GRID:
+            raise ValueError(f"latency table needs 1..{MAX_GRID} calibration points, got {len(self.calibration)}")
+        values = [v for point in self.calibration for v in point] + [self.dense_ms]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1e7 for v in values):
+            raise ValueError("latency table calibration and dense_ms must be finite and in (0, 1e7) ms")
+        sums = [point[0] for point in self.calibration]
+        if sums != sorted(set(sums)):
+            raise ValueError("latency table calibration points must be sorted by increasing layer-time sum")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        try:
+            layers = tuple(LayerTiming(str(x["name"]), tuple(int(c) for c in x["cin"]),
+                                       tuple(int(c) for c in x["cout"]),
+                                       tuple(tuple(float(t) for t in row) for row in x["us"]))
+                           for x in data["layers"])
+            return cls(
+                base_model_sha256=str(data["base_model_sha256"]), tasks=tuple(str(t) for t in data["tasks"]),
+                input_size=tuple(int(v) for v in data["input_size"]), runtime=str(data["runtime"]),
+                threads=int(data["threads"]), round_to=int(data["round_to"]),
+                calibration=tuple((float(a), float(b)) for a, b in data["calibration"]),
+                dense_ms=float(data["dense_ms"]), layers=layers,
+                probes=tuple(float(f) for f in data.get("probes", ())),
+                seconds=float(data.get("seconds", 0.0)), format=str(data.get("format", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ValueError) and str(e).startswith("latency table"):
+                raise
+            raise ValueError(f"not a latency table: {type(e).__name__} {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cost model the planner uses
+
+
+@dataclass
+class _Layer:
+    in_group: int
+    out_group: int
+    cin: np.ndarray
+    cout: np.ndarray
+    us: np.ndarray  # monotone in both axes
+
+
+def _monotone(us: np.ndarray) -> np.ndarray:
+    """Non-decreasing along both axes: more channels never cost less time (the planner assumes it)."""
+    return np.maximum.accumulate(np.maximum.accumulate(us, axis=0), axis=1)
+
+
+def _interp_axis(grid: np.ndarray, x: float) -> tuple[int, int, float]:
+    if len(grid) == 1:
+        return 0, 0, 0.0
+    x = min(max(x, 0.0), float(grid[-1]))
+    j = int(np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2))
+    lo, hi = float(grid[j]), float(grid[j + 1])
+    return j, j + 1, (x - lo) / (hi - lo)  # below the first point: extrapolate linearly towards 0
+
+
+class LatencyCost:
+    """A `cut.groups.CostModel` whose "latency" kind is the table's prediction (nanoseconds).
+
+    Params and MACs (and everything else) come from the analytic cost model it wraps.
+    """
+
+    def __init__(self, base, layers: Sequence[_Layer], calibration: Sequence[tuple[float, float]]) -> None:
+        self.base = base
+        self.layers = list(layers)
+        points = sorted(calibration)
+        self.sums = np.asarray([p[0] for p in points], float)
+        self.measured = np.maximum.accumulate(np.asarray([p[1] for p in points], float))  # non-decreasing
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def latency_ns(self, kept: np.ndarray) -> float:
+        kept = np.asarray(kept, dtype=np.float64)
+        total_us = 0.0
+        for layer in self.layers:
+            cin = kept[layer.in_group] if layer.in_group >= 0 else float(layer.cin[-1])
+            cout = kept[layer.out_group] if layer.out_group >= 0 else float(layer.cout[-1])
+            i0, i1, fi = _interp_axis(layer.cin, cin)
+            j0, j1, fj = _interp_axis(layer.cout, cout)
+            u = layer.us
+            total_us += ((1 - fi) * ((1 - fj) * u[i0, j0] + fj * u[i0, j1])
+                         + fi * ((1 - fj) * u[i1, j0] + fj * u[i1, j1]))
+        return self.calibrate(total_us / 1e3) * 1e6
+
+    def calibrate(self, sum_ms: float) -> float:
+        """Whole-model ms for a sum of layer times: through the probes; beyond them, the nearest segment's
+        slope (proportional with a single point), never below 1% of the smallest probe."""
+        s, m = self.sums, self.measured
+        if len(s) == 1:
+            return float(m[0] * sum_ms / s[0])
+        if sum_ms <= s[0]:
+            slope = (m[1] - m[0]) / (s[1] - s[0])
+            return float(max(m[0] + slope * (sum_ms - s[0]), 0.01 * m[0]))
+        if sum_ms >= s[-1]:
+            slope = (m[-1] - m[-2]) / (s[-1] - s[-2])
+            return float(m[-1] + slope * (sum_ms - s[-1]))
+        return float(np.interp(sum_ms, s, m))
+
+    def cost(self, kind: str, kept: np.ndarray) -> float:
+        if kind == "latency":
+            return self.latency_ns(kept)
+        return self.base.cost(kind, kept)
+
+    def dense(self, kind: str) -> float:
+        return self.cost(kind, self.base.group_sizes)
+
+    def predict_ms(self, kept: np.ndarray) -> float:
+        return self.latency_ns(kept) / 1e6
+
+
+def layer_groups(analysis) -> dict[str, tuple[int, int]]:
+    """Per Conv2d / Linear of the analysed model: (index of the group controlling its input channels,
+    index of the group controlling its output channels), -1 where fixed. Depthwise convs are listed
+    as out-only by the analysis (their input follows their output); `measure_table` records them so."""
+    out: dict[str, list[int]] = {}
+    for j, g in enumerate(analysis.groups):
+        for name in g.act_modules:
+            out.setdefault(name, [-1, -1])[1] = j
+        for name in g.in_modules:
+            out.setdefault(name, [-1, -1])[0] = j
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def latency_cost(analysis, table: LatencyTable) -> LatencyCost:
+    """The planner's cost model for `table` on the model `analysis` describes; ValueError if they differ."""
+    groups = layer_groups(analysis)
+    sizes = analysis.cost.group_sizes
+    layers = []
+    for t in table.layers:
+        gi, go = groups.get(t.name, (-1, -1))
+        for what, gidx, axis in (("input", gi, t.cin), ("output", go, t.cout)):
+            if gidx >= 0 and int(axis[-1]) != int(sizes[gidx]):
+                raise ValueError(f"latency table layer {t.name!r}: {what} grid ends at {axis[-1]} channels, the "
+                                 f"model's group {analysis.groups[gidx].name!r} has {int(sizes[gidx])}: the table "
+                                 "was measured on another model")
+        layers.append(_Layer(gi, go, np.asarray(t.cin, float), np.asarray(t.cout, float),
+                             _monotone(np.asarray(t.us, float))))
+    missing = sorted(set(groups) - {t.name for t in table.layers})
+    if missing:
+        raise ValueError(f"latency table has no timing for pruned layer(s) {missing[:5]}: measured on another model")
+    return LatencyCost(analysis.cost, layers, table.calibration)
+
+
+def no_saving_groups(cost: LatencyCost, min_keep_counts: Mapping[str, int], min_saving: float = MIN_SAVING
+                     ) -> frozenset[str]:
+    """Groups whose pruning to `min_keep_counts[g]` (all else dense) saves < min_saving of the dense time."""
+    dense = cost.latency_ns(cost.group_sizes)
+    out = set()
+    for j, g in enumerate(cost.group_names):
+        kept = cost.group_sizes.astype(np.float64).copy()
+        kept[j] = min_keep_counts[g]
+        if dense - cost.latency_ns(kept) < min_saving * dense:
+            out.add(g)
+    return frozenset(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring (torch + onnx + onnxruntime)
+
+
+def runtime_name() -> str:
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__} CPU"
+
+
+def _session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _time_session(session, feed: dict, runs: int, warmup: int) -> float:
+    """Median microseconds of one run."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a layer's probe needs: kind, channels, kernel geometry and its input's spatial size."""
+
+    name: str
+    kind: str  # conv | depthwise | linear
+    cin: int
+    cout: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    in_hw: tuple[int, ...] = ()  # conv: (H, W); linear: leading dims of its input beyond the batch
+    bias: bool = False
+
+    def key(self) -> tuple:
+        return (self.kind, self.kernel, self.stride, self.padding, self.dilation, self.in_hw, self.bias)
+
+
+def _probe_onnx(spec: LayerSpec, cin: int, cout: int) -> tuple[bytes, dict]:
+    """A one-node ONNX model of `spec` at (cin, cout) channels and a random input feed for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, attrs = [], {}
+    if spec.kind == "linear":
+        shape = [1, *spec.in_hw, cin]
+        inits.append(numpy_helper.from_array(rng.standard_normal((cin, cout)).astype(np.float32) * 0.1, "W"))
+        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "B"))
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["y"])]
+    else:
+        groups = cout if spec.kind == "depthwise" else 1
+        cin = cout if spec.kind == "depthwise" else cin
+        shape = [1, cin, *spec.in_hw]
+        w = rng.standard_normal((cout, cin // groups, *spec.kernel)).astype(np.float32) * 0.1
+        inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+        attrs = dict(kernel_shape=list(spec.kernel), strides=list(spec.stride), dilations=list(spec.dilation),
+                     pads=[spec.padding[0], spec.padding[1], spec.padding[0], spec.padding[1]], group=groups)
+        # BatchNorm folds into the conv's bias and ReLU fuses into it when the whole model runs.
+        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], **attrs), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": rng.standard_normal(shape).astype(np.float32)}
+
+
+def time_layer(spec: LayerSpec, cin: int, cout: int, threads: int = 1, runs: int = LAYER_RUNS,
+               warmup: int = LAYER_WARMUP) -> float:
+    """Median microseconds of `spec` alone at (cin, cout) channels on this machine's onnxruntime."""
+    data, feed = _probe_onnx(spec, cin, cout)
+    return _time_session(_session(data, threads), feed, runs, warmup)
+
+
+def call_overhead_us(threads: int = 1, runs: int = 60) -> float:
+    """Median microseconds of running a near-empty graph (one ReLU on one value): the per-call cost of
+    the runtime that every alone-timed layer includes and the whole model pays only once."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "null",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feed = {"x": np.zeros((1, 1, 1, 1), np.float32)}
+    return _time_session(_session(model.SerializeToString(), threads), feed, runs, 10)
+
+
+def layer_specs(model) -> list[LayerSpec]:
+    """Every Conv2d / Linear of `model` with its input's shape (one forward pass on zeros)."""
+    import torch
+    from torch import nn
+
+    from cut.groups import example_input
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(
+                lambda mod, inputs, output, n=n: shapes.__setitem__(n, tuple(inputs[0].shape))))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(model))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    specs = []
+    for n, m in model.named_modules():
+        if n not in shapes:
+            continue
+        if isinstance(m, nn.Linear):
+            specs.append(LayerSpec(n, "linear", m.in_features, m.out_features, in_hw=shapes[n][1:-1],
+                                   bias=m.bias is not None))
+            continue
+        if m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+            raise ValueError(f"{n}: grouped convolutions are not timed (cut never prunes them)")
+        if isinstance(m.padding, str):
+            raise ValueError(f"{n}: string padding {m.padding!r} is not timed; use explicit padding")
+        specs.append(LayerSpec(n, "depthwise" if m.groups > 1 else "conv", m.in_channels, m.out_channels,
+                               tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+                               tuple(shapes[n][2:]), m.bias is not None))
+    return specs
+
+
+def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8) -> tuple[int, dict[str, list[float]]]:
+    """The channel multiple this runtime runs fastest, and the timings (us) it was chosen from.
+
+    A 3x3 conv with `width` channels on the other side is timed at every input and at every output
+    count from width/4 + 1 to width. A count c is *wasteful* if a larger count runs (within
+    ROUND_TOLERANCE / 6) as fast on either axis: its extra channels would come for free. Each multiple m
+    is scored by the fraction of its multiples in the range that are not wasteful; the smallest m
+    within 0.1 of the best score wins (a finer multiple gives the planner more choices).
+    """
+    spec = LayerSpec("probe", "conv", width, width, (3, 3), (1, 1), (1, 1), (1, 1), (hw, hw))
+    counts = list(range(width // 4 + 1, width + 1))
+
+    def timed(cin: int, cout: int) -> float:
+        return min(time_layer(spec, cin, cout, threads, runs=8, warmup=2) for _ in range(2))
+
+    timings = {"cout": [timed(width, c) for c in counts], "cin": [timed(c, width) for c in counts]}
+    tol = 1 + ROUND_TOLERANCE / 6
+    wasteful = set()
+    for axis in ("cout", "cin"):
+        t = timings[axis]
+        for i, c in enumerate(counts):
+            if any(t[k] <= t[i] * tol for k in range(i + 1, len(counts))):
+                wasteful.add(c)
+    scores = {}
+    for m in ROUND_CANDIDATES:
+        multiples = [c for c in counts if c % m == 0]
+        if multiples:
+            scores[m] = sum(c not in wasteful for c in multiples) / len(multiples)
+    best = max(scores.values())
+    chosen = min(m for m, v in scores.items() if v >= best - 0.1)
+    return chosen, {"counts": [float(c) for c in counts], **timings,
+                    "scores": [scores.get(m, 0.0) for m in ROUND_CANDIDATES]}
+
+
+def grid_counts(size: int, round_to: int, points: int = MAX_GRID - 1) -> tuple[int, ...]:
+    """Up to `points` channel counts from a small one to `size`: multiples of round_to, evenly spread."""
+    step = max(1, round_to)
+    candidates = sorted({c for c in range(step, size + 1, step)} | {size})
+    lowest = min(candidates[0], max(1, size // 4))
+    candidates = sorted(set(candidates) | {lowest})
+    if len(candidates) <= points:
+        return tuple(candidates)
+    picks = np.unique(np.round(np.linspace(0, len(candidates) - 1, points)).astype(int))
+    return tuple(candidates[i] for i in picks)
+
+
+def _uniform_counts(analysis, fraction: float, round_to: int) -> dict[str, int]:
+    out = {}
+    for g in analysis.groups:
+        c = max(round_to, int(round(g.size * fraction / round_to)) * round_to)
+        out[g.name] = min(g.size, c)
+    return out
+
+
+def interleaved_ms(onnx_paths: Sequence[str | Path], threads: int = 1, rounds: int = 6, runs: int = 8,
+                   warmup: int = WHOLE_WARMUP) -> list[float]:
+    """Median ms of one batch-1 run of each model, timed in interleaved rounds (a busy host's load drifts
+    over seconds: interleaving spreads it over every model alike). rounds * runs >= 20 per model."""
+    from cut.infer import cpu_session
+
+    sessions, feeds = [], []
+    for path in onnx_paths:
+        session = cpu_session(path, threads)
+        spec = session.get_inputs()[0]
+        shape = [1 if not isinstance(d, int) else d for d in spec.shape]
+        shape[0] = 1
+        sessions.append(session)
+        feeds.append({spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
+    for session, feed in zip(sessions, feeds, strict=True):
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def models_ms(models: Sequence, threads: int = 1, rounds: int = 12, runs: int = 10) -> list[float]:
+    """Export each MultiTaskModel to a temporary ONNX file and time them interleaved (`interleaved_ms`)."""
+    from cut.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, model in enumerate(models):
+            paths.append(Path(tmp) / f"probe{i}.onnx")
+            export_onnx(model, paths[-1])
+        return interleaved_ms(paths, threads, rounds, runs)
+
+
+def measure_table(model, base_model_sha256: str = "", threads: int = 1, round_to: int | None = None,
+                  progress: bool = False) -> LatencyTable:
+    """Time `model` (a decomposed MultiTaskModel) on this machine's onnxruntime: see the module docstring."""
+    from cut.compact import compact_model
+    from cut.groups import analyse
+    from cut.planner import plan_from_counts
+
+    start = time.perf_counter()
+    analysis = analyse(model)
+    groups = layer_groups(analysis)
+    sizes = analysis.sizes
+    names = [g.name for g in analysis.groups]
+    if round_to is None:
+        round_to, _ = measure_round_to(threads)
+    null_us = call_overhead_us(threads)
+    measured: dict[tuple, float] = {}
+    layers = []
+    for spec in layer_specs(model):
+        gi, go = groups.get(spec.name, (-1, -1))
+        cins = grid_counts(sizes[names[gi]], round_to) if gi >= 0 and spec.kind != "depthwise" else (spec.cin,)
+        couts = grid_counts(sizes[names[go]], round_to) if go >= 0 else (spec.cout,)
+        rows = []
+        for ci in cins:
+            row = []
+            for co in couts:
+                key = (*spec.key(), ci, co)
+                if key not in measured:
+                    measured[key] = max(time_layer(spec, ci, co, threads) - null_us, 0.01)
+                row.append(round(measured[key], 3))
+            rows.append(tuple(row))
+        layers.append(LayerTiming(spec.name, tuple(int(c) for c in cins), tuple(int(c) for c in couts), tuple(rows)))
+    if progress:
+        print(f"latency table: {len(measured)} layer probes in {time.perf_counter() - start:.1f} s")
+    partial = LatencyTable(base_model_sha256, tuple(model.task_names), tuple(model.config.input_size), runtime_name(),
+                           threads, round_to, ((1.0, 1.0),), 1.0, tuple(layers))
+    cost = latency_cost(analysis, partial)
+    sums, models = [], []
+    for fraction in PROBE_FRACTIONS:
+        counts = _uniform_counts(analysis, fraction, round_to)
+        sums.append(cost.predict_ms(cost.counts_vector(counts)))
+        if fraction < 1.0:
+            plan = plan_from_counts({g: np.zeros(sizes[g]) for g in names}, counts, analysis, "params", 1.0)
+            models.append(compact_model(model, plan))
+        else:
+            models.append(model)
+    times = models_ms(models, threads)
+    points = sorted({round(s, 6): (round(s, 6), round(t, 6), f) for s, t, f in zip(sums, times, PROBE_FRACTIONS,
+                                                                                     strict=True)}.values())
+    return LatencyTable(
+        base_model_sha256=base_model_sha256, tasks=tuple(model.task_names), input_size=tuple(model.config.input_size),
+        runtime=runtime_name(), threads=threads, round_to=round_to,
+        calibration=tuple((s, t) for s, t, _ in points), dense_ms=round(times[0], 6), layers=tuple(layers),
+        probes=tuple(float(f) for _, _, f in points),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CUTFL_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / ("" if os.environ.get("CUTFL_CACHE") else "cut-fl") / "latency"
+
+
+def cache_key(model, base_model_sha256: str, threads: int) -> str:
+    """Base model, tasks, input size, layer shapes, runtime and threads: what the table depends on."""
+    shapes = [(s.name, s.kind, s.cin, s.cout, s.key()) for s in layer_specs(model)]
+    blob = json.dumps([base_model_sha256, list(model.task_names), list(model.config.input_size), runtime_name(),
+                       threads, repr(shapes)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def table_for(model, base_model_sha256: str = "", threads: int = 1, cache_dir: str | Path | None = None,
+              refresh: bool = False, progress: bool = False) -> LatencyTable:
+    """The cached table of `model` on this machine, measured (and cached) if missing or `refresh`."""
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"{cache_key(model, base_model_sha256, threads)}.json"
+    if path.is_file() and not refresh:
+        try:
+            return LatencyTable.from_dict(json.loads(path.read_text()))
+        except (ValueError, json.JSONDecodeError):
+            pass  # a stale or damaged cache entry is measured again
+    table = measure_table(model, base_model_sha256, threads, progress=progress)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(table.to_json())
+    os.replace(tmp, path)
+    return table
+
+
+__all__ = [
+    "LatencyCost",
+    "LatencyTable",
+    "LayerSpec",
+    "LayerTiming",
+    "MIN_SAVING",
+    "TABLE_FORMAT",
+    "cache_key",
+    "grid_counts",
+    "latency_cost",
+    "layer_groups",
+    "layer_specs",
+    "measure_round_to",
+    "measure_table",
+    "no_saving_groups",
+    "table_for",
+    "time_layer",
+]

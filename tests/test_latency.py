@@ -1,0 +1,169 @@
+"""Latency budgets: the measured table's cost model, hardware-aware rounding, no-saving groups, the cache.
+
+No timing is asserted: synthetic tables with known times test the planning, and the one test that
+measures on this machine only checks the table's structure and the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from cut import latency as L
+from cut.budget import BudgetOptions, check_budget, cost_for, make_plan
+from cut.data.scenes import scene_tasks
+from cut.groups import analyse
+from cut.models import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32))).decompose(["seg", "depth"])
+
+
+@pytest.fixture(scope="module")
+def analysis(model):
+    return analyse(model)
+
+
+def macs_table(model, analysis, round_to: int = 8, flat: frozenset[str] = frozenset(),
+               calibration=((1.0, 1.0), (1e6, 1e6))) -> L.LatencyTable:
+    """A table whose layer times are the layer's MACs / 1000 us (flat: the same time at every count)."""
+    groups = L.layer_groups(analysis)
+    sizes = analysis.cost.group_sizes
+    layers = []
+    for spec in L.layer_specs(model):
+        gi, go = groups.get(spec.name, (-1, -1))
+        cins = L.grid_counts(int(sizes[gi]), round_to) if gi >= 0 else (spec.cin,)
+        couts = L.grid_counts(int(sizes[go]), round_to) if go >= 0 else (spec.cout,)
+        positions = (spec.in_hw[0] // spec.stride[0]) * (spec.in_hw[1] // spec.stride[1])
+        k = spec.kernel[0] * spec.kernel[1]
+        owner = {analysis.groups[j].name for j in (gi, go) if j >= 0}
+        us = tuple(tuple(float(cins[-1] * couts[-1] * k * positions / 1e3) if owner & flat
+                         else float(ci * co * k * positions / 1e3) for co in couts) for ci in cins)
+        layers.append(L.LayerTiming(spec.name, cins, couts, us))
+    return L.LatencyTable("ab" * 32, tuple(model.task_names), tuple(model.config.input_size), "synthetic", 1,
+                          round_to, tuple(calibration), 1.0, tuple(layers))
+
+
+def conv_macs(model, counts: dict[str, int] | None = None) -> float:
+    """Sum of conv MACs of the analysed model at `counts` kept channels (from the analytic cost model)."""
+    a = analyse(model)
+    return a.cost.cost("macs", a.cost.counts_vector(counts or {}))
+
+
+def test_prediction_interpolates_the_table_and_follows_the_groups(model, analysis):
+    table = macs_table(model, analysis)
+    cost = L.latency_cost(analysis, table)
+    dense = cost.latency_ns(analysis.cost.group_sizes)
+    # identity calibration: ns = 1000 * us = MACs (all layers of this model are convs)
+    assert dense == pytest.approx(conv_macs(model), rel=1e-6)
+    half = {g.name: max(8, g.size // 2) for g in analysis.groups}
+    kept = analysis.cost.counts_vector(half)
+    assert cost.latency_ns(kept) == pytest.approx(analysis.cost.cost("macs", kept), rel=1e-6)
+    assert cost.latency_ns(kept) < dense
+
+
+def test_calibration_maps_the_sum_through_the_probes(model, analysis):
+    table = macs_table(model, analysis)
+    dense_sum = L.latency_cost(analysis, table).latency_ns(analysis.cost.group_sizes) / 1e6
+    calibrated = dataclasses.replace(table, calibration=((dense_sum / 2, 0.9), (dense_sum, 2.0)))
+    cost = L.latency_cost(analysis, calibrated)
+    assert cost.predict_ms(analysis.cost.group_sizes) == pytest.approx(2.0)
+    assert cost.calibrate(dense_sum * 0.75) == pytest.approx(1.45)
+    assert cost.calibrate(dense_sum / 4) == pytest.approx(0.9 - 1.1 / 2)  # first segment's slope, extended
+    assert cost.calibrate(1e-9) > 0
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_latency_plan_meets_the_predicted_budget_and_rounds_to_the_tables_multiple(model, analysis, budget):
+    table = macs_table(model, analysis, round_to=16)
+    rng = np.random.default_rng(1)
+    fused = {g.name: rng.random(g.size) for g in analysis.groups}
+    plan = make_plan(fused, analysis, "latency", budget, BudgetOptions(latency=table))
+    assert plan.budget_kind == "latency"
+    assert plan.achieved["latency_ratio_predicted"] <= budget + 1e-9
+    assert plan.achieved["latency_ratio_predicted"] >= budget - 0.05
+    for name, keep in plan.keep.items():
+        assert len(keep) % 16 == 0 or len(keep) == analysis.sizes[name], (name, len(keep))
+
+
+def test_groups_whose_pruning_saves_no_time_are_left_whole(model, analysis):
+    flat_group = analysis.groups[-1].name  # a head group: its layers cost the same at every width
+    table = macs_table(model, analysis, flat=frozenset({flat_group}))
+    _, options = cost_for(analysis, "latency", BudgetOptions(latency=table))
+    assert flat_group in options.keep_whole
+    fused = {g.name: np.zeros(g.size) if g.name == flat_group else np.ones(g.size) for g in analysis.groups}
+    plan = make_plan(fused, analysis, "latency", 0.5, BudgetOptions(latency=table))
+    assert len(plan.keep[flat_group]) == analysis.sizes[flat_group]  # lowest scores, yet kept: pruning buys nothing
+    macs_plan = make_plan(fused, analysis, "macs", 0.5)
+    assert len(macs_plan.keep[flat_group]) < analysis.sizes[flat_group]
+
+
+def test_latency_budget_without_a_table_or_for_another_model_is_refused(model, analysis):
+    check_budget("latency", 0.5)
+    fused = {g.name: np.ones(g.size) for g in analysis.groups}
+    with pytest.raises(ValueError, match="latency table measured on the device"):
+        make_plan(fused, analysis, "latency", 0.5)
+    other = analyse(build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(32, 32)))
+                    .decompose(["seg", "depth"]))
+    with pytest.raises(ValueError, match="another model"):
+        L.latency_cost(other, macs_table(model, analysis))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["layers"][0].update(cin=[8, 4]), "increasing"),
+    (lambda d: d["layers"][0].update(us=[[1.0]]), "times are not"),
+    (lambda d: d["layers"][0].update(us=[[float("nan")] * len(d["layers"][0]["cout"])] * len(d["layers"][0]["cin"])),
+     "finite"),
+    (lambda d: d.update(round_to=3), "round_to"),
+    (lambda d: d.update(calibration=[[2.0, 1.0], [1.0, 2.0]]), "sorted"),
+    (lambda d: d.update(calibration=[[1.0, -1.0]]), "finite and in"),
+    (lambda d: d.update(layers=[d["layers"][0], d["layers"][0]]), "twice"),
+    (lambda d: d.pop("dense_ms"), "not a latency table"),
+    (lambda d: d.update(format="other/1"), "format"),
+])
+def test_bad_tables_are_rejected_with_the_reason(model, analysis, change, message):
+    data = json.loads(macs_table(model, analysis).to_json())
+    assert L.LatencyTable.from_dict(data) == macs_table(model, analysis)  # the round trip is exact
+    change(data)
+    with pytest.raises(ValueError, match=message):
+        L.LatencyTable.from_dict(data)
+
+
+@pytest.mark.parametrize("step", [4, 16])
+def test_round_to_is_the_multiple_whose_counts_run_fastest(monkeypatch, step):
+    # A staircase runtime: time grows with the count rounded up to `step`, plus a penalty for input
+    # counts that are not multiples of 4 (what onnxruntime's blocked kernels showed on this machine).
+    def fake(spec, cin, cout, threads, runs=0, warmup=0):
+        return 10.0 + (-(-cout // step)) * step + (-(-cin // step)) * step + (0 if cin % 4 == 0 else 40.0)
+
+    monkeypatch.setattr(L, "time_layer", fake)
+    chosen, timings = L.measure_round_to(1)
+    assert chosen == step
+    assert len(timings["cin"]) == len(timings["counts"])
+
+
+def test_measured_table_covers_every_layer_and_is_cached(tmp_path, monkeypatch):
+    small = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(16, 16), head_hidden=16)
+                        ).decompose(["seg"]).eval()
+    monkeypatch.setattr(L, "measure_round_to", lambda threads: (8, {}))
+    monkeypatch.setattr(L, "PROBE_FRACTIONS", (1.0, 0.5))
+    table = L.table_for(small, "cd" * 32, threads=1, cache_dir=tmp_path)
+    names = {s.name for s in L.layer_specs(small)}
+    assert {t.name for t in table.layers} == names
+    assert table.round_to == 8 and table.threads == 1 and table.dense_ms > 0
+    assert len(table.calibration) in (1, 2)
+    L.latency_cost(analyse(small), table)  # fits the model it was measured on
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(L, "measure_table", boom)
+    assert L.table_for(small, "cd" * 32, threads=1, cache_dir=tmp_path) == table
+    with pytest.raises(AssertionError):  # another base model is another cache entry
+        L.table_for(small, "ef" * 32, threads=1, cache_dir=tmp_path)
