@@ -26,6 +26,11 @@ uses only the device's own scores (a local CUT, no federation benefit); in betwe
 strength of the fleet against the device's own data distribution (non-IID room types). Any alpha > 0
 makes plans device-specific, so the server builds one compact model per device instead of per
 (task subset, budget).
+
+Fine-tune updates (`fedavg` over the devices of one plan) are first checked against the weights the round
+started from: `check_update` refuses one that moves them by more than half their norm, and `bound_updates`
+excludes an outlying delta of a group of 3 or more and clips the rest to `[finetune] clip_multiple` x the
+group's median delta norm; each update's weight is capped by the server (steps x batch size).
 """
 
 from __future__ import annotations
@@ -177,5 +182,81 @@ def check_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     return ""
 
 
-__all__ = ["AGGREGATORS", "aggregate", "check_update", "clip_to_median", "fedavg", "normalised",
-           "personalise", "trimmed_mean"]
+def is_statistic(name: str) -> bool:
+    """BatchNorm's running mean and variance: measured on data, not learnt; each layer on its own scale."""
+    return "running_" in name
+
+
+def _delta_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], names: Sequence[str]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(arrays[n].astype(np.float64) - reference[n]))) for n in names))
+
+
+def _scaled(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], names: Sequence[str],
+            factor: float, out: dict[str, np.ndarray]) -> None:
+    """out[n] = reference + factor x (arrays - reference) for `names` (factor < 1: a clipped delta)."""
+    for n in names:
+        delta = arrays[n].astype(np.float64) - reference[n]
+        out[n] = (reference[n] + factor * delta).astype(reference[n].dtype)
+
+
+def bound_updates(updates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray],
+                  clip_multiple: float) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, str]]:
+    """One plan's fine-tuned updates, checked against the weights the round started from (`reference`).
+
+    Returns (index -> the update to average, bounded; index -> why it is excluded). Every update must have
+    passed `check_update` against the same reference. What each kind of array is allowed:
+
+    - learnt float arrays (weights, biases, BN affine): the delta's L2 norm over all of them is compared with
+      the group's median delta norm m (the lower median: for an even group the smaller middle value, so a
+      pair is bounded by its smaller delta; the mean of the two middle values could never clip a pair
+      for clip_multiple >= 2). In a group of 3 or more, an update whose norm exceeds clip_multiple x m is
+      excluded: devices of one plan start from the same weights and run the same steps at the same lr,
+      so honest delta norms agree closely (benchmarks/bench_attack.py measures the spread), and one
+      beyond the bound is an outlier, not data; a majority of honest devices fixes m. The direction is
+      not tested (honest deltas differ in direction with their non-IID data; a delta of honest size in a
+      hostile direction weighs what one honest step does and is left to the teacher gate). Deltas that
+      remain, and both of a pair, which no rule can tell apart, are clipped to clip_multiple x m;
+    - BN running statistics: each array's delta clipped to clip_multiple x the group's median delta norm
+      of that array, never a reason to exclude (devices with other data legitimately move them more);
+    - integer arrays (BN num_batches_tracked): the group's lower median, never below the reference
+      (a count cannot go back; a minority cannot set it).
+    """
+    if not clip_multiple >= 1.0 or not math.isfinite(clip_multiple):
+        raise ValueError(f"clip_multiple must be a finite number >= 1, got {clip_multiple}")
+    if not updates:
+        return {}, {}
+    learnt = [n for n, r in reference.items() if np.issubdtype(r.dtype, np.floating) and not is_statistic(n)]
+    stats = [n for n, r in reference.items() if np.issubdtype(r.dtype, np.floating) and is_statistic(n)]
+    counts = [n for n, r in reference.items() if not np.issubdtype(r.dtype, np.floating)]
+    norms = [_delta_norm(u, reference, learnt) for u in updates]
+    median = float(np.sort(norms)[(len(norms) - 1) // 2])
+    bound = clip_multiple * median
+    refused: dict[int, str] = {}
+    if len(updates) >= 3:
+        for i, norm in enumerate(norms):
+            if norm > bound:
+                times = f"{norm / median:.3g} x" if median > 0 else "more than"
+                refused[i] = (f"its delta norm {norm:.3g} is {times} the median delta norm {median:.3g} of the "
+                              f"{len(updates)} devices of its plan (at most clip_multiple {clip_multiple:g} x)")
+    kept = [i for i in range(len(updates)) if i not in refused]
+    stat_bounds = {n: clip_multiple * float(np.sort([_delta_norm(updates[i], reference, [n]) for i in kept])
+                                            [(len(kept) - 1) // 2]) for n in stats}
+    count_values = {n: np.asarray(np.maximum(reference[n], np.sort(np.stack([updates[i][n] for i in kept]), axis=0)
+                                             [(len(kept) - 1) // 2]), dtype=reference[n].dtype) for n in counts}
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for i in kept:
+        update = updates[i]
+        bounded = dict(update)
+        if norms[i] > bound:
+            _scaled(update, reference, learnt, bound / norms[i], bounded)
+        for n in stats:
+            norm = _delta_norm(update, reference, [n])
+            if norm > stat_bounds[n]:
+                _scaled(update, reference, [n], stat_bounds[n] / norm, bounded)
+        bounded.update(count_values)
+        out[i] = bounded
+    return out, refused
+
+
+__all__ = ["AGGREGATORS", "aggregate", "bound_updates", "check_update", "clip_to_median", "fedavg", "is_statistic",
+           "normalised", "personalise", "trimmed_mean"]

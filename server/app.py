@@ -62,7 +62,7 @@ from protocol.records import (
     record_arrays,
     sha256_field,
 )
-from server.aggregate import aggregate, check_update, fedavg, personalise
+from server.aggregate import aggregate, bound_updates, check_update, fedavg, personalise
 from server.exchange import exchange, wait_for_nodes
 from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
@@ -419,8 +419,10 @@ def _task_metrics(metrics, prefix: str, record: DeviceRecord) -> dict[str, dict[
 
 def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook, round_: int,
                    gate: UpdateGate | None = None) -> None:
-    """train.finetune: local distillation on each device, then FedAvg among devices of one plan; a result
-    that moves the plan away from the dense teacher on the server's validation data is not adopted."""
+    """train.finetune: local distillation on each device, then FedAvg among devices of one plan of the
+    updates bounded against the weights the round started from (an outlier of a group of 3+ excluded,
+    server.aggregate.bound_updates); a result that moves the plan away from the dense teacher on the
+    server's validation data is not adopted."""
     f = settings.finetune
     weights = WeightRecords()
     contents = {}
@@ -435,7 +437,7 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         contents[r.node_id] = content
     replies = exchange(grid, ledger, f"finetune-{round_}", FINETUNE, contents, settings.timeouts.finetune,
                        settings.max_in_flight)
-    updates: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    updates: dict[str, list[tuple[int, dict, float]]] = defaultdict(list)  # plan -> (node, arrays, weight)
     for node_id, reply in replies.items():
         record = ledger.records[node_id]
         build = book.builds[record.plan_hash]
@@ -453,9 +455,13 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
         record.num_examples = int(n)
         declared = max(record.profile.samples_per_task.values(), default=n)
         most = f.steps * f.batch_size  # the samples a round can use: no device buys a larger share by claiming
-        updates[record.plan_hash].append((arrays, min(max(n, 0.0), float(declared), float(most))))
+        updates[record.plan_hash].append((node_id, arrays, min(max(n, 0.0), float(declared), float(most))))
     for plan_hash, group in updates.items():
-        averaged = fedavg(group)
+        bounded, refused = bound_updates([arrays for _, arrays, _ in group], book.builds[plan_hash].arrays,
+                                         f.clip_multiple)
+        for i, why in refused.items():
+            ledger.exclude(group[i][0], REJECTED, f"finetune-{round_}", f"finetune update: {why}")
+        averaged = fedavg([(bounded[i], n) for i, (_, _, n) in enumerate(group) if i in bounded])
         if gate is None or gate.admit(book, plan_hash, averaged):
             book.with_weights(plan_hash, averaged)
 

@@ -1,11 +1,12 @@
-"""Robust aggregation: trimmed mean, server-side clipping, and a small synthetic attack (no Flower)."""
+"""Robust aggregation: trimmed mean, server-side clipping, a small synthetic attack, and fine-tune updates
+bounded against their plan's weights (no Flower)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from server.aggregate import aggregate, clip_to_median, trimmed_mean
+from server.aggregate import aggregate, bound_updates, clip_to_median, trimmed_mean
 
 
 def test_trimmed_mean_drops_the_ends_per_coordinate():
@@ -90,3 +91,88 @@ def test_synthetic_boost_attack_moves_the_mean_but_not_trimmed_mean_with_clip():
 
     assert change("weighted-mean") > 0.15
     assert change("trimmed-mean", trim_fraction=0.1, server_clip=1.0) < 0.05
+
+
+# ------------------------------------------------------------------------ fine-tune updates of one plan
+
+
+def _plan_group(scales: list[float], seed: int = 0) -> tuple[dict, list[dict]]:
+    """A plan's weights and one update per device: the weights plus a delta of ~1% of their norm x scale."""
+    rng = np.random.default_rng(seed)
+    reference = {"conv.weight": rng.normal(size=(8, 4)).astype(np.float32),
+                 "bn.running_var": np.ones(8, np.float32), "bn.num_batches_tracked": np.array(10, np.int64)}
+    updates = []
+    for scale in scales:
+        step = rng.normal(size=(8, 4)) * 0.01 * np.linalg.norm(reference["conv.weight"]) / np.sqrt(32)
+        updates.append({"conv.weight": (reference["conv.weight"] + scale * step).astype(np.float32),
+                        "bn.running_var": (1.0 + rng.uniform(0.0, 0.1, 8)).astype(np.float32),
+                        "bn.num_batches_tracked": np.array(15, np.int64)})
+    return reference, updates
+
+
+def _norm(update: dict, reference: dict, name: str = "conv.weight") -> float:
+    return float(np.linalg.norm(update[name].astype(np.float64) - reference[name]))
+
+
+def test_bound_updates_leaves_an_honest_group_as_it_is():
+    reference, updates = _plan_group([1.0, 1.2, 0.9, 1.1])
+    bounded, refused = bound_updates(updates, reference, 2.0)
+    assert refused == {} and sorted(bounded) == [0, 1, 2, 3]
+    for i, u in enumerate(updates):
+        for name, value in u.items():
+            np.testing.assert_array_equal(bounded[i][name], value, err_msg=name)
+
+
+def test_bound_updates_excludes_every_outlier_of_a_group_of_four_naming_the_median():
+    reference, updates = _plan_group([1.0, 1.1, 10.0, 30.0])  # two of four scaled: the lower median is honest
+    bounded, refused = bound_updates(updates, reference, 2.0)
+    assert sorted(refused) == [2, 3] and sorted(bounded) == [0, 1]
+    assert all("median delta norm" in why and "clip_multiple 2" in why for why in refused.values())
+
+
+def test_bound_updates_in_a_group_of_three_excludes_what_is_beyond_the_multiple_only():
+    reference, updates = _plan_group([1.0, 1.0, 1.0])
+    median = sorted(_norm(u, reference) for u in updates)[1]
+    for factor, excluded in ((1.9, False), (2.1, True)):
+        scaled = dict(updates[2])
+        scaled["conv.weight"] = (reference["conv.weight"] + (updates[2]["conv.weight"] - reference["conv.weight"])
+                                 * factor * median / _norm(updates[2], reference)).astype(np.float32)
+        _, refused = bound_updates([updates[0], updates[1], scaled], reference, 2.0)
+        assert (2 in refused) is excluded, factor
+
+
+def test_bound_updates_clips_batchnorm_statistics_and_takes_the_median_count():
+    reference, updates = _plan_group([1.0, 1.0, 1.0])
+    updates[2]["bn.running_var"] = np.full(8, 1e6, np.float32)  # passes check_update: statistics may move
+    updates[2]["bn.num_batches_tracked"] = np.array(2**62, np.int64)
+    bounded, refused = bound_updates(updates, reference, 2.0)
+    assert refused == {}  # statistics alone never exclude: devices with other data move them more
+    honest = sorted(_norm(u, reference, "bn.running_var") for u in updates[:2])
+    clipped = _norm(bounded[2], reference, "bn.running_var")
+    assert clipped == pytest.approx(2.0 * honest[1], rel=1e-5)  # the median of the three is the larger honest one
+    assert (bounded[2]["bn.running_var"] > 0).all()  # a convex blend of two variances stays a variance
+    assert all(b["bn.num_batches_tracked"] == 15 and b["bn.num_batches_tracked"].dtype == np.int64
+               for b in bounded.values())
+    low = [dict(u, **{"bn.num_batches_tracked": np.array(3, np.int64)}) for u in updates]
+    assert bound_updates(low, reference, 2.0)[0][0]["bn.num_batches_tracked"] == 10  # never below the start
+
+
+def test_bound_updates_with_no_movement_in_the_group_excludes_any_movement():
+    reference, updates = _plan_group([0.0, 0.0, 1.0])  # e.g. steps = 0: an honest update is the plan itself
+    bounded, refused = bound_updates(updates, reference, 2.0)
+    assert sorted(refused) == [2] and "median delta norm 0" in refused[2]
+    with pytest.raises(ValueError, match="clip_multiple"):
+        bound_updates(updates, reference, 0.5)
+
+
+def test_clip_multiple_is_a_finetune_setting_with_bounds(tmp_path):
+    from server.settings import FinetuneSettings, load_settings
+
+    assert FinetuneSettings().clip_multiple == 2.0
+    path = tmp_path / "s.toml"
+    path.write_text("[finetune]\nclip_multiple = 3.5\n")
+    assert load_settings(path).finetune.clip_multiple == 3.5
+    for bad in ("0.5", "1000.0", '"big"'):
+        path.write_text(f"[finetune]\nclip_multiple = {bad}\n")
+        with pytest.raises(ValueError, match=r"finetune.*clip_multiple"):
+            load_settings(path)

@@ -186,3 +186,96 @@ def test_key_fingerprint_is_openssh_s_and_empty_for_anything_but_a_key():
     for _ in range(500):  # what simulation registers as a node's key: random bytes, never an error
         assert key_fingerprint(secrets.token_bytes(32)) == ""
     assert key_fingerprint(b"") == key_fingerprint(b"ssh-ed25519 AAAA") == ""
+
+
+# ------------------------------------------------------------------------------------ fine-tune updates
+# A fine-tune round is driven with canned replies: three devices share one plan; each update is the
+# plan's weights plus a delta (what a few local distillation steps would move them by).
+
+
+def _finetune(monkeypatch, deltas: dict[int, float | np.ndarray], examples: dict[int, int] | None = None,
+              clip_multiple: float | None = None):
+    """Run finetune_round for devices node -> delta scale (or array); returns (ledger, reference, adopted)."""
+    import dataclasses
+
+    from flwr.app import MetricRecord
+    from test_inbound_fuzz import SETTINGS
+
+    from protocol.records import METRICS, WEIGHTS, arrays_record
+
+    rng = np.random.default_rng(3)
+    reference = {"w": rng.normal(size=(16, 16)).astype(np.float32), "b": rng.normal(size=16).astype(np.float32),
+                 "bn.running_mean": np.zeros(16, np.float32), "bn.num_batches_tracked": np.array(5, np.int64)}
+    direction = {n: rng.normal(size=(3, *v.shape)).astype(np.float32) for n, v in reference.items() if n != "bn.num_batches_tracked"}
+    updates = {}
+    for i, (node, scale) in enumerate(deltas.items()):
+        honest = {n: reference[n] + 0.01 * direction[n][i % 3] * np.linalg.norm(reference[n]) / np.sqrt(reference[n].size)
+                  for n in direction}
+        upd = {n: (reference[n] + scale * (honest[n] - reference[n])).astype(np.float32) for n in direction}
+        upd["bn.num_batches_tracked"] = np.array(7, np.int64)
+        updates[node] = upd
+    examples = examples or {}
+    replies = {n: SimpleNamespace(content=RecordDict({WEIGHTS: arrays_record(u), METRICS: MetricRecord(
+        {"num_examples": examples.get(n, 64)})})) for n, u in updates.items()}
+    monkeypatch.setattr(server_app, "exchange", lambda *args, **kwargs: replies)
+    adopted = {}
+    book = SimpleNamespace(builds={"p": SimpleNamespace(arrays=reference, weights_sha256="a" * 64)},
+                           with_weights=lambda plan_hash, arrays: adopted.update(arrays))
+    ledger = Ledger(list(deltas))
+    for node in deltas:
+        r = ledger.records[node]
+        r.device_id, r.plan_hash, r.weights_sha256 = f"dev-{node}", "p", "a" * 64
+        r.profile = TaskProfile(r.device_id, ("seg",), Budget("params", 0.5), samples_per_task={"seg": 2**62})
+    finetune = SETTINGS.finetune.model_copy(update={"rounds": 1, **({} if clip_multiple is None else
+                                                                    {"clip_multiple": clip_multiple})})
+    server_app.finetune_round(None, ledger, dataclasses.replace(SETTINGS, finetune=finetune), book, 1)
+    return ledger, reference, updates, adopted
+
+
+def _distance(a: dict, b: dict) -> float:
+    names = [n for n in a if "running_" not in n and np.issubdtype(a[n].dtype, np.floating)]
+    diff = np.sqrt(sum(np.sum((a[n].astype(np.float64) - b[n]) ** 2) for n in names))
+    return float(diff / np.sqrt(sum(np.sum(b[n].astype(np.float64) ** 2) for n in names)))
+
+
+def test_a_scaled_delta_that_passes_the_norm_check_is_excluded_from_a_group_of_three(monkeypatch):
+    """Delta x 10 moves the weights by ~10% of their norm (under check_update's 0.5) and claims 2^62
+    examples; the honest group's average must stay within 1% of the attack-free one."""
+    _, reference, _, clean = _finetune(monkeypatch, {1: 1.0, 2: 1.0, 3: 1.0})
+    ledger, _, updates, attacked = _finetune(monkeypatch, {1: 1.0, 2: 1.0, 3: 10.0}, examples={3: 2**62})
+    assert check_update(updates[3], reference) == ""  # the old check lets it through
+    assert _distance(attacked, clean) < 0.01, f"moved {_distance(attacked, clean):.3%} from the attack-free average"
+    hostile = ledger.records[3]
+    assert hostile.status == REJECTED and "median" in hostile.reason and "finetune-1" in hostile.reason
+    assert ledger.records[1].ok and ledger.records[2].ok
+
+
+def test_without_an_outlier_the_group_average_is_plain_fedavg(monkeypatch):
+    from server.aggregate import fedavg
+
+    ledger, _, updates, adopted = _finetune(monkeypatch, {1: 1.0, 2: 1.3, 3: 0.8})
+    assert all(r.ok for r in ledger)
+    expected = fedavg([(u, 64.0) for u in updates.values()])
+    for name, value in expected.items():
+        np.testing.assert_allclose(adopted[name], value, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip_multiple", [None, 1.0, 1.5])
+def test_deltas_are_clipped_to_a_multiple_of_the_group_median(monkeypatch, clip_multiple):
+    """In a group of two no robust rule can tell who is the outlier; the larger delta is clipped to
+    clip_multiple x the group's lower median delta norm (for a pair, the smaller one: with the mean of the
+    two as the median, the default 2.0 could never clip a pair). None: the default, 2.0."""
+    from server.settings import FinetuneSettings
+
+    ledger, reference, updates, adopted = _finetune(monkeypatch, {1: 1.0, 2: 3.0}, clip_multiple=clip_multiple)
+    assert all(r.ok for r in ledger)
+    multiple = FinetuneSettings().clip_multiple if clip_multiple is None else clip_multiple
+    norm = {n: float(np.sqrt(sum(np.sum((u[k].astype(np.float64) - reference[k]) ** 2)
+                                 for k in ("w", "b")))) for n, u in updates.items()}
+    bound = multiple * min(norm.values())
+    scale = bound / norm[2]
+    assert scale < 1  # the larger delta is clipped
+    expected = {k: reference[k] + ((updates[1][k] - reference[k]) + scale * (updates[2][k] - reference[k])) / 2
+                for k in ("w", "b")}
+    for k in ("w", "b"):
+        np.testing.assert_allclose(adopted[k], expected[k], rtol=1e-5, atol=1e-6)
