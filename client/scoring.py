@@ -9,6 +9,8 @@ few batches of its own samples, then prepares what leaves the device:
 2. privacy (optional, from the ScoringRequest): each task's concatenated vector is clipped to L2 norm
    `clip_norm` and gets Gaussian noise of std `noise_multiplier * clip_norm`, then is clamped at 0 (the
    contract wants non-negative scores; clamping is post-processing, so it costs no privacy);
+   (Under `[scoring] privacy = "distributed"` the secure path adds a share of the noise instead:
+   `distributed_share`, client.secure, protocol.layout.DistributedNoise.)
 3. encoding with `cut.wire.encode_report` (float16 by default: half the upload).
 
 What leaves passes through the device's hooks (client.hooks), where a simulation injects faults.
@@ -80,6 +82,24 @@ def privatise(scores: TaskScores, privacy: PrivacySettings, rng: np.random.Gener
     return out
 
 
+def distributed_share(vector: np.ndarray, scores: int, share_std: float,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+    """Distributed DP: this device's share of the noise, N(0, share_std^2) on each of the first `scores`
+    coordinates of its secure vector (the per-task weight block after them is public and gets none).
+
+    Not clamped: the shares of the n devices sum to noise of std sqrt(n) x share_std in the one sum the
+    server unmasks, and clamping a share would bias that sum. Fresh OS entropy, as in `privatise`: the
+    server sends no seed, so it cannot regenerate and subtract the noise (`rng`: benchmarks and tests only).
+    """
+    if not (np.isfinite(share_std) and share_std > 0):
+        raise ValueError(f"distributed noise: share std must be a finite number > 0, got {share_std!r}")
+    if rng is None:
+        rng = np.random.default_rng()
+    out = np.array(vector, dtype=np.float64, copy=True)
+    out[:scores] += rng.normal(0.0, share_std, size=scores)
+    return out
+
+
 def build_report(device: Device, request: ScoringRequest, scores: TaskScores, samples_used: int) -> ImportanceReport:
     return ImportanceReport(
         device_id=device.device_id,
@@ -102,4 +122,4 @@ def score_and_encode(
     return header, hooks.outgoing("report-arrays", device, arrays)
 
 
-__all__ = ["build_report", "local_scores", "mean_one", "privatise", "score_and_encode"]
+__all__ = ["build_report", "distributed_share", "local_scores", "mean_one", "privatise", "score_and_encode"]

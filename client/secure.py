@@ -21,6 +21,11 @@ own (finite, non-negative, the right groups and sizes) and refuses to send anyth
 most the task's channel count (a mean-1 non-negative vector cannot exceed it), which is the SecAgg+
 clipping range the server uses: nothing is ever clipped, only quantised.
 
+Distributed differential privacy (the layout carries `dp`, protocol.layout.DistributedNoise): the device
+encodes its mean-1 scores as u_t = clip(T(s_t) / sqrt(N_t)), weights them as above, and adds its share of
+the noise (client.scoring.distributed_share, fresh OS entropy) to the score coordinates before masking;
+the local `privacy` of the request is then off (the server refuses both at once).
+
 The reply is Flower's legacy FitRes layout, which `flwr.client.mod.secaggplus_mod` masks before it leaves
 the device: `fitres.parameters` (the vector), `fitres.num_examples` = 1 (the real weights are inside the
 vector; SecAgg+ divides by the sum of num_examples, the server multiplies back by the device count),
@@ -37,7 +42,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from client.data import LocalData
 from client.device import Device
 from client.hooks import NO_HOOKS, DeviceHooks
-from client.scoring import local_scores, mean_one, privatise
+from client.scoring import distributed_share, local_scores, mean_one, privatise
 from cut.messages import ScoringRequest
 from cut.models import MultiTaskModel
 from protocol.layout import Layout
@@ -51,8 +56,14 @@ def secure_vector(device: Device, model: MultiTaskModel, data: LocalData, reques
     declared = device.profile(data.num_train).samples_per_task
     # The device caps its own weight (the server, seeing only sums, cannot): samples used, at most declared.
     weights = {t: min(1.0, min(used, declared.get(t, used)) / layout.weight_scale) for t in scores}
+    if layout.dp is not None:
+        scores = layout.dp.encode(scores, {t: layout.channels(t) for t in scores})
     scores = hooks.outgoing("secure-scores", device, scores)
-    return layout.flatten(scores, weights)  # refuses scores that are not finite and non-negative
+    vector = layout.flatten(scores, weights)  # refuses scores that are not finite and non-negative
+    if layout.dp is not None:
+        vector = distributed_share(vector, layout.score_size, layout.dp.share_std)
+        vector = np.clip(vector, -layout.clipping_range, layout.clipping_range)  # what the quantiser does
+    return vector
 
 
 def legacy_reply(vector: np.ndarray) -> RecordDict:

@@ -2,7 +2,8 @@
 
 Privacy and robustness flags override the scenario's [scoring] keys: `--clip-norm`, `--noise-multiplier`
 or `--epsilon` (a target epsilon at scoring.dp_delta; the noise multiplier is derived by server.privacy for
-the device holding the most tasks), `--aggregation`, `--trim-fraction`, `--server-clip`. `--print-schema`
+the device holding the most tasks; with the scenario's secure aggregation on it selects distributed DP,
+`[scoring] privacy = "distributed"`, noise shared out among the devices inside SecAgg+), `--aggregation`, `--trim-fraction`, `--server-clip`. `--print-schema`
 prints the scenario file's JSON schema (server.settings).
 
 Registration only imports argparse; the runner (and with it Flower and Ray) is imported when the command
@@ -54,7 +55,8 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
                             "scenario's clip_norm)")
     noise.add_argument("--epsilon", type=_positive, metavar="EPS",
                        help="target epsilon per device at scoring.dp_delta: picks the noise multiplier (needs a "
-                            "clip norm)")
+                            "clip norm); with the scenario's secure aggregation on: distributed DP (central "
+                            "epsilon of the secure sums, every release counted)")
     robust = p.add_argument_group("aggregation on the server")
     robust.add_argument("--aggregation", choices=AGGREGATIONS, help="per-task rule across devices")
     robust.add_argument("--trim-fraction", type=_trim, metavar="F",
@@ -62,6 +64,30 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     robust.add_argument("--server-clip", type=_non_negative, metavar="K",
                         help="clip each device's vector to K x the median norm (per task and group; 0 = off)")
     p.set_defaults(func=cmd_simulate)
+
+
+def epsilon_overrides(scenario: str, devices: int | None, scoring: dict) -> dict:
+    """`--epsilon` with the scenario's secure aggregation on selects distributed DP: the central noise
+    multiplier for that epsilon at dp_delta, for the device holding the most tasks, after this run's
+    release and the scenario's dp_prior_releases (server.privacy). Without secure aggregation it stays a
+    local-DP target (simulations.scenario)."""
+    if scoring.get("epsilon") is None:
+        return scoring
+    from server.privacy import distributed_noise_for_epsilon
+    from simulations.scenario import fleet_max_tasks, load_scenario
+
+    loaded = load_scenario(scenario, devices=devices)
+    s = loaded.settings.scoring
+    if not s.secure_aggregation:
+        return scoring
+    if scoring.get("clip_norm"):
+        raise ValueError("--epsilon with secure aggregation is distributed DP, which clips with [scoring] dp_clip: "
+                         "drop --clip-norm")
+    out = {k: v for k, v in scoring.items() if k != "epsilon"}
+    out["privacy"] = "distributed"
+    out["dp_noise_multiplier"] = distributed_noise_for_epsilon(float(scoring["epsilon"]), fleet_max_tasks(loaded.fleet),
+                                                               s.dp_delta, s.dp_prior_releases + 1)
+    return out
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -77,6 +103,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import run_scenario
 
     scoring = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
+    scoring = epsilon_overrides(args.scenario, args.devices, scoring)
     summary = run_scenario(args.scenario, devices=args.devices, out_dir=args.out, base_model_dir=args.base_model,
                            scoring=scoring, resume=args.resume, oracle=args.oracle)
     keys = ("scenario", "status", "devices_ok", "devices_rejected", "devices_failed", "distinct_plans",
@@ -91,6 +118,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if summary.get("oracle"):
         short["oracle_gap_mean"] = summary["oracle"]["gap_mean"]
     privacy = summary.get("privacy") or {}
+    short["dp_mode"] = privacy.get("mode")
     short["dp_epsilon"] = privacy.get("epsilon")
     short["report"] = str(summary.get("report_dir", ""))
     print(json.dumps(short, indent=2))

@@ -24,12 +24,21 @@ Kamath & Steinke 2020 (epsilon = RDP(alpha) + log((alpha - 1) / alpha) - (log de
 privacy curve is known too (the analytic Gaussian mechanism, Balle & Wang 2018): `analytic_epsilon`
 gives the tight epsilon, which the RDP figure upper-bounds; both are reported.
 
-Distributed DP (measured in benchmarks/bench_privacy.py, not what devices do today): if every one of the
-n devices of a task added noise of std z C / sqrt(n) to an unclamped share under secure aggregation, the
-per-task sums would carry noise z C and the central guarantee would be the formula above with z
-(`central_epsilon`); each share alone, if exposed, would only be protected at z / sqrt(n). Today's
-secure-aggregation mode (server.secagg) sums shares that each carry the full local noise: the server's
-sums are post-processing of locally private reports, so the local epsilon holds unchanged.
+Distributed DP (`[scoring] privacy = "distributed"`, needs secure aggregation): each device encodes every
+task's mean-1 scores as u_t = clip(T(s_t) / sqrt(N_t), C) (protocol.layout.DistributedNoise: T a power
+transform, C = `dp_clip`), weights it by its public sample weight w_t <= 1 and adds N(0, (z C)^2 / n_min)
+to each score coordinate of its SecAgg+ vector, z = `dp_noise_multiplier`, n_min = `dp_min_devices`. The
+server unmasks only the sum; with n >= n_min devices in it the sum carries Gaussian noise of std
+z C sqrt(n / n_min) >= z C per coordinate. The release is aborted *before unmasking* when fewer than n_min
+devices sent masked vectors (server.secagg), so a sum with less noise is never reconstructed. Replacing
+one device's whole dataset moves its non-negative, norm <= C contribution by at most sqrt(2) C per task:
+one release is k Gaussian mechanisms of noise-to-sensitivity ratio z / sqrt(2) for a device with k
+tasks, i.e. one of ratio z / sqrt(2 k); every release (each task, each run: `dp_prior_releases` earlier
+runs) composes (`distributed_epsilon`). The server's shrinkage, clamping and inverse transform are
+post-processing. Each share alone, if it were exposed, would be protected only at z / sqrt(n_min).
+
+Local DP and secure aggregation without `distributed`: the server's sums are post-processing of locally
+private reports, so the local epsilon holds unchanged.
 
 Assumptions (stated in every report): fresh device-side randomness (the ScoringRequest carries no noise
 seed), an idealised continuous Gaussian (floating-point sampling effects ignored), and the accounting
@@ -159,6 +168,134 @@ def noise_for_epsilon(epsilon: float, num_tasks: int, delta: float, method: str 
     return hi
 
 
+DISTRIBUTED_MECHANISM = ("Gaussian mechanism on the SecAgg+ sum: each device clips each task's transformed "
+                         "vector T(s)/sqrt(channels) to L2 dp_clip and adds N(0, (z dp_clip)^2 / n_min) per "
+                         "coordinate; the sum carries std >= z dp_clip")
+DISTRIBUTED_UNIT = ("one device's whole local dataset (user-level, replace-one), against the server that holds "
+                    "only the unmasked sum (central DP of the release)")
+DISTRIBUTED_ASSUMPTIONS = (
+    "an honest-but-curious server that runs SecAgg+ as specified (it checks n_min before unmasking; a device "
+    "sees only its neighbours and cannot check it)",
+    "at least n_min devices add their noise share honestly and keep it secret (no collusion with the server)",
+    "fresh randomness on each device (no noise seed travels)",
+    "idealised continuous Gaussian noise; the quantiser clips a share beyond dp_clip + 10 noise stds "
+    "(probability ~1e-23 per coordinate, far below delta)",
+    "sample weights and task subsets (from the profiles) are public metadata",
+    "covers the score release(s) only; fine-tuning is refused with this mode, evaluation metrics are not "
+    "privatised",
+)
+
+
+def distributed_sigma(noise_multiplier: float, num_tasks: int = 1, releases: int = 1) -> float:
+    """The one Gaussian mechanism equivalent to a device's `releases` releases of `num_tasks` task vectors:
+    ratio z / sqrt(2 k m) (Gaussian mechanisms compose exactly into one)."""
+    if noise_multiplier < 0 or num_tasks < 1 or releases < 1:
+        raise ValueError(f"need noise_multiplier >= 0, num_tasks >= 1, releases >= 1, got {noise_multiplier}, "
+                         f"{num_tasks}, {releases}")
+    return noise_multiplier / math.sqrt(2.0 * num_tasks * releases)
+
+
+def distributed_epsilon(noise_multiplier: float, num_tasks: int, delta: float, releases: int = 1,
+                        method: str = "analytic") -> float:
+    """epsilon at delta of a device holding `num_tasks` tasks after `releases` distributed releases."""
+    sigma = distributed_sigma(noise_multiplier, num_tasks, releases)
+    if method == "analytic":
+        return analytic_epsilon(sigma, delta)
+    if method == "rdp":
+        return rdp_epsilon(sigma, delta)
+    raise ValueError(f"unknown accounting method {method!r}")
+
+
+def distributed_noise_for_epsilon(epsilon: float, num_tasks: int, delta: float, releases: int = 1) -> float:
+    """The smallest dp_noise_multiplier z whose `releases` releases spend at most epsilon at delta."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"target epsilon must be a finite number > 0, got {epsilon}")
+    _check_delta(delta)
+    lo, hi = 1e-3, 1.0
+    while analytic_epsilon(hi, delta) > epsilon:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e7:
+            raise ValueError(f"epsilon {epsilon} at delta {delta} needs an absurd noise multiplier")
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if analytic_epsilon(mid, delta) > epsilon else (lo, mid)
+    return hi * math.sqrt(2.0 * num_tasks * releases)
+
+
+def shrink(values: np.ndarray, noise_var: float) -> np.ndarray:
+    """Empirical-Bayes shrinkage of one channel group's noisy values towards the group's mean: the
+    deviations scaled by max(0, var - noise_var) / var. Uses only the release and the public noise
+    variance (post-processing); a group whose differences are within the noise keeps only its mean."""
+    v = np.asarray(values, dtype=np.float64)
+    var = float(v.var())
+    lam = max(0.0, var - noise_var) / var if var > 0 else 0.0
+    return v.mean() + lam * (v - v.mean())
+
+
+def distributed_summary(noise_multiplier: float, clip: float, delta: float, task_counts: Iterable[int],
+                        min_devices: int, transform: str, prior_releases: int = 0, released: bool = True) -> dict:
+    """The report's `privacy` block in distributed mode: epsilon of the worst device after every release
+    counted (this run's, if it took place, and `prior_releases` earlier ones), with its assumptions."""
+    counts = [int(k) for k in task_counts if int(k) > 0]
+    k = max(counts, default=1)
+    releases = prior_releases + (1 if released else 0)
+    out: dict = {"mode": "distributed", "delta": delta, "dp_clip": clip, "dp_noise_multiplier": noise_multiplier,
+                 "min_devices": min_devices, "transform": transform, "releases": releases,
+                 "released_this_run": released, "max_tasks_per_device": k, "mechanism": DISTRIBUTED_MECHANISM,
+                 "unit": DISTRIBUTED_UNIT, "sensitivity": "sqrt(2) * dp_clip per task vector (non-negative)",
+                 "assumptions": list(DISTRIBUTED_ASSUMPTIONS)}
+    if releases == 0:
+        out.update({"epsilon": 0.0, "epsilon_analytic": 0.0, "statement": (
+            "distributed: the release was aborted before unmasking (fewer devices than min_devices), so no "
+            "score sum was revealed and no privacy was spent")})
+        return out
+    eps = distributed_epsilon(noise_multiplier, k, delta, releases)
+    out.update({
+        "epsilon": eps,
+        "epsilon_analytic": distributed_epsilon(noise_multiplier, k, delta, releases, "analytic"),
+        "epsilon_by_tasks": {str(n): distributed_epsilon(noise_multiplier, n, delta, releases)
+                             for n in sorted(set(counts))},
+        "noise_to_sensitivity": distributed_sigma(noise_multiplier, k, releases),
+        "accountant": "analytic Gaussian mechanism (Balle & Wang 2018) of the composed releases",
+        "statement": (f"distributed DP: the score sums the server unmasked are ({eps:.3g}, {delta:g})-DP with "
+                      f"respect to each device's whole local dataset (worst device, {k} task(s), {releases} "
+                      f"release(s); noise calibrated for at least {min_devices} devices in the sum; transform "
+                      f"{transform}, clip {clip:g}, noise multiplier {noise_multiplier:.4g}). Assumptions: "
+                      + "; ".join(DISTRIBUTED_ASSUMPTIONS)),
+    })
+    return out
+
+
+def run_privacy(scoring, entries: list[dict]) -> dict:
+    """The report's privacy block for a run's [scoring] settings and its device entries (task lists and
+    report sources): local/none as `privacy_summary`, distributed as `distributed_summary` (released when
+    a device's scores are in a secure sum of this run, or of the run it resumes)."""
+    counts = [len(e["tasks"]) for e in entries]
+    if scoring.privacy != "distributed":
+        return privacy_summary(scoring.clip_norm, scoring.noise_multiplier, scoring.dp_delta, counts,
+                               scoring.secure_aggregation)
+    in_sum = sum(e.get("report_source") in ("secure-sum", "resumed") for e in entries)
+    out = distributed_summary(scoring.dp_noise_multiplier, scoring.dp_clip, scoring.dp_delta, counts,
+                              scoring.dp_min_devices, scoring.dp_transform, scoring.dp_prior_releases, in_sum > 0)
+    out["devices_in_release"] = in_sum
+    if not scoring.dp_min_devices:
+        out["min_devices"] = "every device asked to score (dp_min_devices 0)"
+    return out
+
+
+def device_privacy(scoring, num_tasks: int, released: bool = True) -> float | None:
+    """epsilon at dp_delta spent by one device with `num_tasks` tasks (None: no noise, so no claim)."""
+    if num_tasks < 1:
+        return None
+    if scoring.privacy == "distributed":
+        releases = scoring.dp_prior_releases + (1 if released else 0)
+        return distributed_epsilon(scoring.dp_noise_multiplier, num_tasks, scoring.dp_delta, releases) \
+            if releases else 0.0
+    if scoring.noise_multiplier <= 0 or scoring.clip_norm <= 0:
+        return None
+    return local_epsilon(scoring.noise_multiplier, num_tasks, scoring.dp_delta)
+
+
 def _check_delta(delta: float) -> None:
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
@@ -201,6 +338,14 @@ def privacy_summary(clip_norm: float, noise_multiplier: float, delta: float, tas
 
 __all__ = [
     "ASSUMPTIONS",
+    "DISTRIBUTED_ASSUMPTIONS",
+    "distributed_epsilon",
+    "distributed_noise_for_epsilon",
+    "distributed_sigma",
+    "distributed_summary",
+    "device_privacy",
+    "run_privacy",
+    "shrink",
     "MECHANISM",
     "SENSITIVITY",
     "UNIT",

@@ -20,7 +20,7 @@ from typing import Any
 from cut.train import multitask_delta
 from server.ledger import OK, DeviceRecord, Ledger
 from server.planning import BaseModel, PlanBook
-from server.privacy import local_epsilon, privacy_summary
+from server.privacy import device_privacy, run_privacy
 from server.settings import Settings
 
 
@@ -156,18 +156,13 @@ def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: Pl
 
 def device_epsilon(settings: Settings, num_tasks: int) -> float | None:
     """epsilon at scoring.dp_delta spent by a device reporting `num_tasks` task vectors (None: no noise)."""
-    s = settings.scoring
-    if s.noise_multiplier <= 0 or s.clip_norm <= 0 or num_tasks < 1:
-        return None
-    return local_epsilon(s.noise_multiplier, num_tasks, s.dp_delta)
+    return device_privacy(settings.scoring, num_tasks)
 
 
 def privacy_block(entries: list[dict], settings: Settings) -> dict[str, Any]:
     """The privacy spent by the devices' score reports (server.privacy): epsilon per device, max over the
     devices asked to score, at scoring.dp_delta; mode 'none' when devices add no noise."""
-    s = settings.scoring
-    return privacy_summary(s.clip_norm, s.noise_multiplier, s.dp_delta, [len(e["tasks"]) for e in entries],
-                           s.secure_aggregation)
+    return run_privacy(settings.scoring, entries)
 
 
 def write_report(ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,

@@ -17,6 +17,14 @@ modulo M. c is the largest channel count of a task (a non-negative mean-1 vector
 value is ever clipped); M = 2**32 (Flower's default); Q is the largest power of two with n * Q < M for n
 devices (no overflow), at most 2**30. The error of a summed coordinate has std <= sqrt(n) * c / Q.
 
+Distributed differential privacy (`[scoring] privacy = "distributed"`, server.privacy): the layout carries
+the devices' noise recipe (protocol.layout.DistributedNoise: transform, clip, share std z C / sqrt(n_min)
+with n_min = `dp_min_devices`, or every device asked when 0). If fewer than n_min devices sent masked
+vectors, the unmask stage is never run: the release is aborted (every participant excluded with the
+reason) and the sum, which would carry less noise than calibrated, is never reconstructed. Otherwise the
+server divides the per-task sums by the total weights, shrinks each channel group towards its mean by the
+noise variance it knows (n (z C)^2 / n_min / W^2; `dp_shrinkage`), clamps at 0 and inverts the transform.
+
 Flower's workflow is driven directly, with a `LegacyContext` and a small legacy `Strategy` that selects
 the ledger's active devices and receives the unmasked aggregate; the grid it talks through counts payload
 bytes per device and records which device failed which stage, so the ledger gets reasons as in plain mode.
@@ -42,21 +50,33 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from cut.fusion import TaskScores
-from protocol.layout import LAYOUT_FIELD, Layout
+from protocol.layout import LAYOUT_FIELD, DistributedNoise, Layout
 from protocol.records import REQUEST, content_nbytes
 from server.ledger import FAILED, Ledger
 from server.planning import BaseModel
+from server.privacy import shrink
 from server.settings import Settings
 
 MODULUS_RANGE = 2**32  # Flower's default mask modulus
 MAX_QUANTIZATION_RANGE = 2**30  # Flower's quantiser rounds into int32
 STAGES = ("setup", "share keys", "masked vectors", "unmask")
 
-def layout_of(base: BaseModel, settings: Settings) -> Layout:
-    """The vector layout of this base model: its tasks in order, each task's groups and sizes."""
+def layout_of(base: BaseModel, settings: Settings, devices: int = 0) -> Layout:
+    """The vector layout of this base model: its tasks in order, each task's groups and sizes, and under
+    distributed DP the noise recipe for a release of at least min_devices(settings, devices) devices."""
     tasks = base.task_names
-    scale = float(settings.scoring.num_batches * settings.scoring.batch_size)  # the most samples a device uses
-    return Layout.of(base.task_groups(tasks), base.analysis(tasks).sizes, scale)
+    s = settings.scoring
+    scale = float(s.num_batches * s.batch_size)  # the most samples a device uses
+    dp = None
+    if s.privacy == "distributed":
+        n_min = min_devices(settings, devices)
+        dp = DistributedNoise(s.dp_transform, s.dp_clip, s.dp_noise_multiplier * s.dp_clip / math.sqrt(n_min), n_min)
+    return Layout.of(base.task_groups(tasks), base.analysis(tasks).sizes, scale, dp)
+
+
+def min_devices(settings: Settings, devices: int) -> int:
+    """n_min of distributed DP: the setting, or (0) every one of the `devices` asked to score; at least 2."""
+    return max(2, settings.scoring.dp_min_devices or devices)
 
 
 def quantization_range(devices: int) -> int:
@@ -82,8 +102,8 @@ def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
     vector layout is added to each. Devices that fail a stage are excluded with the reason; if the
     protocol cannot complete, every participant is excluded and the result is empty.
     """
-    layout = layout_of(base, settings)
     active = [r.node_id for r in ledger.active()]
+    layout = layout_of(base, settings, len(active))
     for node_id in active:
         contents[node_id][REQUEST][LAYOUT_FIELD] = layout.to_json()
     result: TaskScores = {}
@@ -91,12 +111,18 @@ def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
         for node_id in active:
             ledger.exclude(node_id, FAILED, "score", "secure aggregation needs at least 2 devices")
         return result
+    if layout.dp is not None and len(active) < layout.dp.min_devices:
+        for node_id in active:
+            ledger.exclude(node_id, FAILED, "score", f"distributed DP release not started: {len(active)} device(s) "
+                                                     f"can take part, dp_min_devices is {layout.dp.min_devices}")
+        return result
     num_shares, threshold = shares(len(active))
     metered = MeteredGrid(grid, ledger)
     strategy = SumStrategy([GridClientProxy(nid, grid, 0) for nid in active])
     workflow = ScoresWorkflow(contents, num_shares, threshold, max_weight=1.0,
                               clipping_range=layout.clipping_range, quantization_range=quantization_range(len(active)),
-                              modulus_range=MODULUS_RANGE, timeout=settings.timeouts.score)
+                              modulus_range=MODULUS_RANGE, timeout=settings.timeouts.score,
+                              min_devices=layout.dp.min_devices if layout.dp else 0)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=SimpleClientManager())
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1,
@@ -104,10 +130,12 @@ def secure_aggregate(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     try:
         workflow(metered, context)
-        failure = "" if strategy.mean is not None else (
+        failure = workflow.aborted or ("" if strategy.mean is not None else (
             f"{len(active) - len(metered.problems)} of {len(active)} devices answered every stage; SecAgg+ needs "
-            f"{threshold} of each device's neighbours")
-        mean = weighted_mean(layout, strategy.mean * strategy.contributors) if not failure else {}
+            f"{threshold} of each device's neighbours"))
+        total = None if failure else strategy.mean * strategy.contributors
+        mean = {} if failure else (weighted_mean(layout, total) if layout.dp is None else
+                                   private_mean(layout, total, strategy.contributors, settings.scoring.dp_shrinkage))
     except Exception as e:  # noqa: BLE001 - a malformed reply can break the protocol; no device gets a plan
         failure = f"{type(e).__name__}: {str(e).strip()[:200]}"
     for node_id, reason in metered.problems.items():
@@ -136,17 +164,52 @@ def weighted_mean(layout: Layout, total: np.ndarray) -> TaskScores:
     return out
 
 
+def private_mean(layout: Layout, total: np.ndarray, contributors: int, shrinkage: bool = True) -> TaskScores:
+    """Distributed DP: the unmasked sum -> per task the weighted mean of u_t (noise std per coordinate
+    share_std sqrt(n) / W_t), shrunk per channel group by that variance, decoded back to scores that sum to 1
+    over the task (layout.dp.decode). Everything here is post-processing of the release."""
+    dp = layout.dp
+    sums, weights = layout.unflatten(total)
+    noise_var_sum = contributors * dp.share_std ** 2
+    out: TaskScores = {}
+    for task, groups in sums.items():
+        w = weights[task]
+        if w < 0.5 / layout.weight_scale:  # less than half a sample: no device holds the task
+            continue
+        names = list(groups)
+        est = [groups[g] / w for g in names]
+        if shrinkage:
+            est = [shrink(v, noise_var_sum / w ** 2) for v in est]
+        values = dp.decode(np.concatenate(est), layout.channels(task))
+        out[task], start = {}, 0
+        for g, v in zip(names, est, strict=True):
+            out[task][g] = values[start:start + v.size].astype(np.float32)
+            start += v.size
+    return out
+
+
 class ScoresWorkflow(SecAggPlusWorkflow):
     """SecAgg+ whose masked-vector round carries our scoring messages (ScoringRequest, base model) in
-    place of legacy FitIns; the device's handler reads them as in plain mode."""
+    place of legacy FitIns; the device's handler reads them as in plain mode. With `min_devices` (distributed
+    DP) it stops before unmasking when fewer devices sent masked vectors, and says why in `aborted`."""
 
-    def __init__(self, contents: Mapping[int, RecordDict], *args, **kwargs) -> None:
+    def __init__(self, contents: Mapping[int, RecordDict], *args, min_devices: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.contents = contents
+        self.min_devices = min_devices
+        self.aborted = ""
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
         return super().collect_masked_vectors_stage(grid, context, state)
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        if len(state.active_node_ids) < self.min_devices:
+            self.aborted = (f"distributed DP release aborted before unmasking: {len(state.active_node_ids)} "
+                            f"device(s) sent masked vectors, the noise is calibrated for at least "
+                            f"{self.min_devices} (dp_min_devices); no sum was revealed")
+            return False
+        return super().unmask_stage(grid, context, state)
 
 
 class SumStrategy(Strategy):
@@ -230,5 +293,5 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-__all__ = ["MeteredGrid", "ScoresWorkflow", "SumStrategy", "layout_of", "payload_bytes", "quantization_range", "secure_aggregate",
-           "shares", "weighted_mean"]
+__all__ = ["MeteredGrid", "ScoresWorkflow", "SumStrategy", "layout_of", "min_devices", "payload_bytes", "private_mean",
+           "quantization_range", "secure_aggregate", "shares", "weighted_mean"]

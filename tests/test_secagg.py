@@ -265,3 +265,207 @@ def test_secure_aggregation_refuses_what_needs_individual_reports(tmp_path, conf
         load_settings(path)
     path.write_text("[scoring]\nsecure_aggregation = true\n")
     assert load_settings(path).scoring.secure_aggregation
+
+
+# ------------------------------------------------------------------ distributed differential privacy
+
+
+def _dp_scenario(root: Path, base: Path, min_devices: int, z: float) -> Path:
+    path = _scenario(root, base, secure=True)
+    extra = (f'privacy = "distributed"\ndp_noise_multiplier = {z}\ndp_min_devices = {min_devices}\n'
+             'dp_shrinkage = false\n')
+    path.write_text(path.read_text().replace("[scoring]\n", "[scoring]\n" + extra))
+    return path
+
+
+def _run_spied(path: Path, out: Path) -> dict:
+    """Run a scenario; keep the unmasked sum the server's private_mean gets and every aggregate_fit call."""
+    import server.secagg
+    from simulations.runner import run_scenario
+
+    seen: dict = {"sum": None, "fits": 0}
+    real_private, real_fit = server.secagg.private_mean, server.secagg.SumStrategy.aggregate_fit
+
+    def spy_private(layout, total, contributors, shrinkage=True):
+        seen["sum"] = (layout, np.array(total), contributors)
+        return real_private(layout, total, contributors, shrinkage)
+
+    def spy_fit(self, server_round, results, failures):
+        seen["fits"] += 1
+        return real_fit(self, server_round, results, failures)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server.secagg, "private_mean", spy_private)
+        mp.setattr(server.secagg.SumStrategy, "aggregate_fit", spy_fit)
+        seen["summary"] = run_scenario(path, out_dir=out)
+    report = json.loads((out / "report.json").read_text())
+    seen["devices"] = {d["device_id"]: d for d in report["devices"]}
+    seen["privacy"] = report["summary"]["privacy"]
+    seen["markdown"] = (out / "report.md").read_text()
+    return seen
+
+
+Z_E2E = 6.0  # the sum's noise std = 6 x dp_clip: large against the encoded scores (norm <= 1 per task)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secagg-dp")
+    base = tiny_model_dir(root)
+    seen = _run_spied(_dp_scenario(root, base, min_devices=3, z=Z_E2E), root / "out")
+    seen["path"], seen["out"] = root / "scenario.toml", root / "out"
+    return seen
+
+
+@pytest.mark.slow
+def test_distributed_dp_run_completes_with_the_calibrated_noise_in_the_sum(dp_run, tmp_path_factory):
+    """Four devices (the NaN one refuses) each add N(0, (z C)^2 / 3): the unmasked sum's noise, measured
+    against the noiseless sum of the same devices' encoded vectors, has std z C sqrt(4 / 3)."""
+    from client.data import local_data
+    from client.scoring import local_scores, mean_one
+    from cut.messages import ScoringRequest
+    from server.planning import BaseModel
+    from server.privacy import distributed_epsilon
+    from simulations.fleet import assign
+    from simulations.scenario import load_scenario, resolve
+
+    run = dp_run
+    assert run["summary"]["devices_ok"] == 4, [d["reason"] for d in run["devices"].values()]
+    layout, total, contributors = run["sum"]
+    assert contributors == 4 and layout.dp.min_devices == 3 and layout.dp.transform == "fourth-root"
+    assert layout.dp.share_std == pytest.approx(Z_E2E * 1.0 / math.sqrt(3))
+    scenario = load_scenario(run["path"], out_dir=run["out"])
+    base_model = BaseModel.load(scenario.settings.base_model_dir)
+    scenario = resolve(scenario, base_model.card)
+    s = scenario.settings.scoring
+    clean = np.zeros(layout.size)
+    for pid in range(len(DEVICES)):
+        device = assign(scenario.fleet, pid, len(DEVICES))
+        if device.device_id not in GOOD:
+            continue
+        tasks = base_model.canonical(device.tasks)
+        request = ScoringRequest(base_model.model_id, base_model.sha256, tasks, s.criterion, s.num_batches,
+                                 s.batch_size)
+        data = local_data(device)
+        model = base_model.model.decompose(list(tasks)).eval()
+        scores = mean_one(local_scores(model, data, request, scenario.settings.seed * 100_003 + device.partition_id))
+        used = min(s.num_batches * s.batch_size, data.num_train)
+        weights = {t: min(1.0, used / layout.weight_scale) for t in scores}
+        clean += layout.flatten(layout.dp.encode(scores, {t: layout.channels(t) for t in scores}), weights)
+    noise = (total - clean)[:layout.score_size]
+    expected = layout.dp.share_std * math.sqrt(4)
+    assert layout.score_size > 1000
+    assert np.std(noise) == pytest.approx(expected, rel=0.08), (np.std(noise), expected)
+    assert abs(np.mean(noise)) < 4 * expected / math.sqrt(noise.size)
+    np.testing.assert_allclose(total[layout.score_size:], clean[layout.score_size:], atol=1e-6)  # weights: exact
+    # The report states the central epsilon with its assumptions; every device's epsilon is its own.
+    privacy = run["privacy"]
+    assert privacy["mode"] == "distributed" and privacy["releases"] == 1 and privacy["devices_in_release"] == 4
+    assert privacy["epsilon"] == pytest.approx(distributed_epsilon(Z_E2E, 3, 1e-5), rel=1e-6)
+    assert privacy["epsilon"] > distributed_epsilon(Z_E2E, 2, 1e-5)  # the worst device holds 3 tasks
+    assert "honest-but-curious" in " ".join(privacy["assumptions"])
+    assert "distributed DP" in run["markdown"]
+    assert run["devices"]["device-0001"]["dp_epsilon"] == pytest.approx(distributed_epsilon(Z_E2E, 2, 1e-5))
+
+
+@pytest.mark.slow
+def test_distributed_dp_release_aborts_before_unmasking_with_too_few_devices(tmp_path):
+    """dp_min_devices 5, but the NaN device refuses to send: 4 masked vectors, so the server never runs the
+    unmask stage (the strategy never gets a sum), every device is excluded with the reason, no privacy
+    is spent and the report says so."""
+    base = tiny_model_dir(tmp_path)
+    run = _run_spied(_dp_scenario(tmp_path, base, min_devices=5, z=Z_E2E), tmp_path / "out")
+    assert run["fits"] == 0 and run["sum"] is None
+    assert run["summary"]["devices_ok"] == 0
+    for device_id in GOOD:
+        assert "aborted before unmasking: 4 device(s) sent masked vectors" in run["devices"][device_id]["reason"]
+    assert run["privacy"]["releases"] == 0 and run["privacy"]["epsilon"] == 0.0
+    assert "aborted" in run["privacy"]["statement"]
+
+
+def test_distributed_shares_sum_to_the_calibrated_noise():
+    """n devices each adding N(0, (z C)^2 / n_min) to a vector: the sum's noise std is z C sqrt(n / n_min)
+    (z C exactly at n = n_min), on the score coordinates only."""
+    from client.scoring import distributed_share
+
+    size, scores = 20_000, 19_997
+    for n_min, n in ((10, 10), (10, 25), (100, 100)):
+        share = 4.9 / math.sqrt(n_min)
+        total = sum(distributed_share(np.zeros(size), scores, share, np.random.default_rng([n_min, n, i]))
+                    for i in range(n))
+        assert np.std(total[:scores]) == pytest.approx(4.9 * math.sqrt(n / n_min), rel=0.02)
+        assert np.all(total[scores:] == 0)
+    with pytest.raises(ValueError, match="share std"):
+        distributed_share(np.zeros(3), 2, 0.0)
+
+
+def test_distributed_noise_comes_from_os_entropy():
+    """Two devices with the same inputs draw different noise (no seed travels: the layout has none)."""
+    from client.scoring import distributed_share
+
+    a = distributed_share(np.zeros(100), 100, 1.0)
+    b = distributed_share(np.zeros(100), 100, 1.0)
+    assert not np.allclose(a, b)
+    layout = Layout.of({"seg": ["b"]}, {"b": 3}, 16, _dp())
+    assert "seed" not in layout.to_json()
+
+
+def _dp(**changes):
+    from protocol.layout import DistributedNoise
+
+    fields = {"transform": "fourth-root", "clip": 1.0, "share_std": 0.5, "min_devices": 3} | changes
+    return DistributedNoise(**fields)
+
+
+def test_distributed_layout_round_trip_and_refusals():
+    layout = Layout.of({"seg": ["b", "s"]}, {"b": 3, "s": 2}, 16, _dp())
+    assert Layout.from_json(layout.to_json()) == layout
+    assert layout.clipping_range == pytest.approx(1.0 + 10 * 0.5) and layout.score_size == 5
+    for bad, match in (({"transform": "cube"}, "transform"), ({"share_std": 0.0}, "share_std"),
+                       ({"min_devices": 1}, "min_devices"), ({"clip": float("nan")}, "clip")):
+        text = Layout.of({"seg": ["b"]}, {"b": 3}, 16, _dp(**bad)).to_json()
+        with pytest.raises(ValidationError, match=match):
+            Layout.from_json(text)
+
+
+def test_encode_bounds_each_task_and_decode_inverts_it():
+    """fourth-root of a mean-1 vector divided by sqrt(N) has norm <= 1 whatever the data (so clip 1 never
+    clips); decode of the noiseless mean gives back the mean-1 scores / N (sum 1)."""
+    rng = np.random.default_rng(3)
+    dp = _dp()
+    for shape in (0.05, 1.0, 50.0):
+        raw = {"seg": {"b": rng.gamma(shape, size=300), "s": rng.gamma(shape, size=100)}}
+        total = sum(float(v.sum()) for v in raw["seg"].values())
+        mean1 = {"seg": {g: v * 400 / total for g, v in raw["seg"].items()}}
+        u = dp.encode(mean1, {"seg": 400})
+        norm = math.sqrt(sum(float((v ** 2).sum()) for v in u["seg"].values()))
+        assert 0 < norm <= 1.0 + 1e-12
+        back = dp.decode(np.concatenate([u["seg"]["b"], u["seg"]["s"]]), 400)
+        np.testing.assert_allclose(back, np.concatenate([mean1["seg"]["b"], mean1["seg"]["s"]]) / 400, rtol=1e-9)
+    clipped = _dp(transform="none").encode({"seg": {"b": np.array([3.0, 0.0, 0.0])}}, {"seg": 3})
+    assert np.linalg.norm(clipped["seg"]["b"]) == pytest.approx(1.0)  # no transform: sqrt(3) > 1, clipped
+
+
+def test_private_mean_recovers_the_ranking_from_the_noisy_sum():
+    """Many devices with the same true scores, noise of std z C in the sum: the decoded mean ranks the
+    channels like the truth, with or without shrinkage; shrinkage flattens pure noise to the group mean."""
+    from server.secagg import private_mean
+
+    rng = np.random.default_rng(5)
+    n, n_min, z = 400, 400, 4.9
+    dp = _dp(share_std=z / math.sqrt(n_min), min_devices=n_min)
+    layout = Layout.of({"seg": ["b"]}, {"b": 200}, 16, dp)
+    truth = rng.gamma(0.3, size=200)
+    truth *= 200 / truth.sum()
+    vector = layout.flatten(dp.encode({"seg": {"b": truth}}, {"seg": 200}), {"seg": 1.0})
+    total = n * vector + rng.normal(0.0, dp.share_std * math.sqrt(n), size=layout.size) * (
+        np.arange(layout.size) < layout.score_size)
+    plain = private_mean(layout, total, n, shrinkage=False)["seg"]["b"]
+    shrunk = private_mean(layout, total, n, shrinkage=True)["seg"]["b"]
+    assert plain.sum() == pytest.approx(1.0, abs=1e-5) and shrunk.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.corrcoef(plain, truth)[0, 1] > 0.8
+    assert np.corrcoef(shrunk, truth)[0, 1] > 0.8
+    only_noise = private_mean(layout, np.where(np.arange(layout.size) < layout.score_size,
+                                               rng.normal(0.0, dp.share_std * math.sqrt(n), size=layout.size),
+                                               total), n)["seg"]["b"]
+    assert np.ptp(only_noise) < 1e-6  # nothing distinguishable from the noise: every channel its group's mean
