@@ -77,11 +77,43 @@ class ScoringSettings(Section):
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed-mean: share dropped at each end")
     server_clip: float = Field(0.0, ge=0, description="> 0: clip each device's vector to this x the median norm")
     secure_aggregation: bool = Field(False, description="per-task sums under SecAgg+ (no single report is seen)")
+    privacy: Literal["none", "local", "distributed"] = Field(
+        "local", description="none: no noise; local: each report clipped and noised on its device (clip_norm, "
+                             "noise_multiplier; noise_multiplier 0 = no DP claim); distributed: each device adds "
+                             "a share of the noise inside the SecAgg+ vector, the unmasked sum carries it all "
+                             "(needs secure_aggregation; dp_* keys; server.privacy)")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="distributed: noise std of the unmasked sum = this "
+                                                              "x dp_clip per coordinate (the central noise)")
+    dp_clip: float = Field(1.0, gt=0, description="distributed: L2 clip of each task's transformed vector "
+                                                   "T(s)/sqrt(channels); 1 never clips sqrt or fourth-root")
+    dp_transform: Literal["none", "sqrt", "fourth-root"] = Field(
+        "fourth-root", description="distributed: score transform on the device, inverted on the server")
+    dp_shrinkage: bool = Field(True, description="distributed: the server shrinks the noisy mean towards each "
+                                                 "group's mean by the known noise variance (post-processing)")
+    dp_min_devices: int = Field(0, ge=0, description="distributed: the fewest devices whose noise shares must "
+                                                     "be in the sum (each adds 1/sqrt of it); fewer survivors "
+                                                     "abort the release before unmasking; 0 = every device "
+                                                     "asked to score")
+    dp_prior_releases: int = Field(0, ge=0, description="distributed: earlier releases of the same devices' "
+                                                        "data (other runs), composed into the stated epsilon")
 
     @model_validator(mode="after")
     def _consistent(self) -> ScoringSettings:
         if self.noise_multiplier > 0 and self.clip_norm <= 0:
             raise ValueError("noise_multiplier needs clip_norm > 0 (the sensitivity)")
+        if self.privacy == "none" and self.noise_multiplier > 0:
+            raise ValueError("privacy 'none' adds no noise: set noise_multiplier 0, or privacy 'local'")
+        if self.privacy == "distributed":
+            if not self.secure_aggregation:
+                raise ValueError("privacy 'distributed' needs secure_aggregation = true (the noise shares only "
+                                 "add up to the calibrated noise in the secure sum)")
+            if self.dp_noise_multiplier <= 0:
+                raise ValueError("privacy 'distributed' needs dp_noise_multiplier > 0 (or cutfl simulate --epsilon)")
+            if self.noise_multiplier > 0 or self.clip_norm > 0:
+                raise ValueError("privacy 'distributed' replaces the local clip and noise: set clip_norm 0 and "
+                                 "noise_multiplier 0 (dp_clip and dp_noise_multiplier apply)")
+            if self.dp_min_devices == 1:
+                raise ValueError("dp_min_devices must be 0 (every device asked) or >= 2 (secure aggregation)")
         if self.secure_aggregation and (self.aggregation != "weighted-mean" or self.server_clip > 0):
             raise ValueError(f"secure_aggregation gives the server only sums, so aggregation must be weighted-mean "
                              f"and server_clip 0 (a robust rule needs the individual reports), got "
