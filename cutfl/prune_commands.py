@@ -17,6 +17,72 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def prune_budget(text: str) -> tuple[str, float]:
+    """--budget of `cutfl prune`: params=F, macs=F, latency=F (a fraction of the dense decomposed model's
+    time measured here) or latency=Xms (milliseconds on this machine) -> (kind, value); kind 'latency_ms'
+    for milliseconds."""
+    kind, _, value = text.partition("=")
+    if kind == "latency" and value.strip().lower().endswith("ms"):
+        number = value.strip()[:-2]
+        try:
+            ms = float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"latency budget {value!r} is not a number of milliseconds") from None
+        if not (ms > 0 and ms < 1e7):
+            raise argparse.ArgumentTypeError(f"latency budget {value!r} must be a positive number of milliseconds")
+        return "latency_ms", ms
+    if kind == "latency":
+        return "latency", budget_fraction(value)
+    try:
+        return parse_budget(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (nor 'latency'; e.g. params=0.5, macs=0.5, latency=0.5, "
+                                         "latency=2.5ms)") from None
+
+
+def _latency_budget(args: argparse.Namespace, base, tasks: list[str], card: dict, kind: str, value: float):
+    """(fraction, options, latency block of the report) for a latency budget, from this machine's table."""
+    from cut.budget import BudgetOptions
+    from cut.latency import table_for
+
+    if args.iterative > 1:
+        raise ValueError("a latency budget plans against the dense model's measured table: use --iterative 1")
+    decomposed = base.decompose(list(tasks)).eval()
+    table = table_for(decomposed, card["weights_sha256"], threads=max(1, args.threads), progress=not args.quiet)
+    asked_ms = value if kind == "latency_ms" else value * table.dense_ms
+    fraction = min(1.0, asked_ms / table.dense_ms)
+    block = {"asked_ms": asked_ms, "asked_fraction": value if kind == "latency" else None,
+             "table": {"runtime": table.runtime, "threads": table.threads, "round_to": table.round_to,
+                       "dense_ms": table.dense_ms, "seconds_to_measure": table.seconds,
+                       "calibration": [list(p) for p in table.calibration]}}
+    if asked_ms >= table.dense_ms:
+        block["note"] = f"{asked_ms:.3f} ms is not below the dense model's {table.dense_ms:.3f} ms: nothing is pruned"
+    return fraction, BudgetOptions(latency=table), block
+
+
+def _measure_achieved(decomposed, compact, out: Path, card: dict, block: dict, threads: int) -> dict:
+    """Export the compact model next to its weights and time it against the dense one, interleaved."""
+    import tempfile
+
+    from cut.export import export_onnx
+    from cut.latency import interleaved_ms
+
+    onnx_path = out / "model.onnx"
+    export_onnx(compact, onnx_path, card=card)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path = Path(tmp) / "dense.onnx"
+        export_onnx(decomposed, dense_path)
+        dense_ms, achieved_ms = interleaved_ms([dense_path, onnx_path], threads)
+    block.update(dense_ms_now=dense_ms, achieved_ms=achieved_ms, achieved_fraction=achieved_ms / dense_ms,
+                 timing="median of 120 batch-1 onnxruntime runs, dense and compact interleaved (12 rounds of 10)",
+                 onnx=str(onnx_path))
+    if block["asked_fraction"] is not None:
+        block["error"] = block["achieved_fraction"] / block["asked_fraction"] - 1
+    else:
+        block["error"] = achieved_ms / block["asked_ms"] - 1
+    return block
+
+
 def _fractions(text: str) -> list[float]:
     return [budget_fraction(item) for item in _csv(text)]
 
@@ -98,18 +164,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = seed_data(Samples.from_dataset(train_set), args.seed, args.batch_size, args.num_batches, recovery)
     test_batches = Samples.from_dataset(test_set).batches(64)
     kind, value = args.budget
+    options, latency = None, None
+    if kind in ("latency", "latency_ms"):
+        value, options, latency = _latency_budget(args, base, tasks, card, kind, value)
+        kind = "latency"
     compact, plan, report = prune(
         base, tasks, kind, value, method=args.method, criterion=args.criterion, fusion=args.fusion,
         test_loader=test_batches, seed=args.seed, base_sha256=card["weights_sha256"], recovery=recovery,
         scoring_batches=data.scoring, recovery_batches=data.recovery, progress=not args.quiet,
-        iterative=args.iterative,
+        iterative=args.iterative, options=options,
     )
     out: Path = args.out
-    save_model(out, compact, {
+    compact_card = {
         "dataset": dataset, "dataset_kwargs": card.get("dataset_kwargs", {}), "test_kwargs": card.get("test_kwargs", {}),
         "plan": plan.to_dict(), "base_model_sha256": card["weights_sha256"], "base_model_dir": str(args.model),
         "metrics": report.get("metrics", {}).get("compact"),
-    })
+    }
+    compact_card["weights_sha256"] = save_model(out, compact, compact_card)
+    if latency is not None:
+        latency["predicted_ms"] = plan.achieved.get("latency_ms_predicted")
+        report["latency"] = _measure_achieved(base.decompose(list(tasks)).eval(), compact.eval(), out, compact_card,
+                                              latency, max(1, args.threads))
     (out / "plan.json").write_text(plan.to_json())
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     summary = {k: report.get(k) for k in ("tasks", "method", "budget", "params", "macs", "bytes", "params_ratio",
@@ -117,6 +192,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                           "delta_m_before_recovery")}
     summary["recovery"] = report["recovery"]["budget"]
     summary["seconds_prune"] = report["seconds"].get("prune_total")
+    if latency is not None:
+        summary["latency"] = {k: latency.get(k) for k in ("asked_ms", "asked_fraction", "predicted_ms", "achieved_ms",
+                                                          "dense_ms_now", "achieved_fraction", "error", "note")
+                              if latency.get(k) is not None}
     summary["out"] = str(out)
     print(json.dumps(summary, indent=2))
     return 0
@@ -175,14 +254,18 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
         p.add_argument("--test-samples", type=int, default=256, help="test samples to evaluate on")
         p.add_argument("--data-dir", help="directory with the dataset's files (real datasets only)")
         p.add_argument("--threads", type=int, default=1,
-                       help="torch threads (default 1: on a shared 2-core machine more threads wait on each other)")
+                       help="torch threads, and onnxruntime threads of a latency budget (default 1: on a shared "
+                            "2-core machine more threads wait on each other)")
         p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = sub.add_parser("prune", help="prune a model for a task subset and budget (one compact model)")
     p.add_argument("--model", type=Path, required=True, help="pre-trained model directory")
     p.add_argument("--tasks", required=True, help="comma-separated tasks to keep, e.g. seg,depth")
-    p.add_argument("--budget", type=parse_budget, default=("params", 0.5),
-                   help="what may remain of the decomposed model: params=F or macs=F with F in (0, 1]")
+    p.add_argument("--budget", type=prune_budget, default=("params", 0.5),
+                   help="what may remain of the decomposed model: params=F, macs=F or latency=F with F in (0, 1] "
+                        "(latency: of the dense model's onnxruntime time measured here, on --threads threads), or "
+                        "latency=Xms (milliseconds here); a latency budget writes model.onnx and reports asked vs "
+                        "achieved latency")
     p.add_argument("--method", default="cut", help="cut, a baseline (random, l1, snip, disparse, tp), an ablation "
                                                    "(cut-...) or a Torch-Pruning grid point (tp-...)")
     p.add_argument("--dataset", help="dataset for scoring and evaluation (default: the model's)")

@@ -167,3 +167,83 @@ def test_measured_table_covers_every_layer_and_is_cached(tmp_path, monkeypatch):
     assert L.table_for(small, "cd" * 32, threads=1, cache_dir=tmp_path) == table
     with pytest.raises(AssertionError):  # another base model is another cache entry
         L.table_for(small, "ef" * 32, threads=1, cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ cutfl prune --budget latency=...
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import torch
+
+    from cut.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32), head_hidden=32))
+    root = tmp_path_factory.mktemp("latency") / "base"
+    save_model(root, model, {"dataset": "scenes", "dataset_kwargs": {"size": 32, "seed": 0},
+                             "test_kwargs": {"size": 32, "seed": 1}})
+    return root
+
+
+SMALL = ["--train-samples", "16", "--test-samples", "8", "--num-batches", "2", "--batch-size", "4", "--quiet"]
+
+
+def _prune(args, capsys):
+    from cutfl.cli import main
+
+    try:
+        code = main(["prune", *args, *SMALL])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fast_table(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUTFL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(L, "measure_round_to", lambda threads: (8, {}))  # the measured multiple: tested above
+
+
+def test_prune_with_a_latency_fraction_reports_asked_and_achieved(tiny_dir, tmp_path, capsys, fast_table):
+    from cut.plan import PruningPlan
+
+    out = tmp_path / "lat"
+    code, stdout, err = _prune(["--model", str(tiny_dir), "--tasks", "seg,depth", "--budget", "latency=0.6",
+                                "--out", str(out)], capsys)
+    assert code == 0, err
+    latency = json.loads(stdout)["latency"]
+    assert latency["asked_fraction"] == 0.6
+    assert latency["predicted_ms"] <= latency["asked_ms"] * (1 + 1e-9)
+    assert latency["achieved_ms"] > 0 and latency["dense_ms_now"] > 0
+    assert latency["achieved_fraction"] == pytest.approx(latency["achieved_ms"] / latency["dense_ms_now"])
+    plan = PruningPlan.from_json((out / "plan.json").read_text())
+    assert plan.budget_kind == "latency" and plan.budget_value == 0.6
+    assert any(len(k) < plan.group_sizes[g] for g, k in plan.keep.items())
+    assert all(len(k) % 8 == 0 or len(k) == plan.group_sizes[g] for g, k in plan.keep.items())
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["latency"]["table"]["round_to"] == 8
+
+
+def test_prune_with_milliseconds_above_the_dense_time_prunes_nothing(tiny_dir, tmp_path, capsys, fast_table):
+    code, stdout, err = _prune(["--model", str(tiny_dir), "--tasks", "depth", "--budget", "latency=100000ms",
+                                "--out", str(tmp_path / "ms")], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["budget"] == {"kind": "latency", "value": 1.0}
+    assert "nothing is pruned" in summary["latency"]["note"]
+    assert summary["params_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(("budget", "fragment"), [
+    ("latency=fastms", "milliseconds"),
+    ("latency=-2ms", "positive"),
+    ("latency=1.5", "(0, 1]"),
+    ("energy=0.5", "latency=2.5ms"),
+])
+def test_bad_latency_budget_is_one_line(tiny_dir, tmp_path, capsys, budget, fragment):
+    code, _, err = _prune(["--model", str(tiny_dir), "--tasks", "depth", "--budget", budget,
+                           "--out", str(tmp_path / "x")], capsys)
+    assert code != 0 and len(err) == 1 and fragment in err[0], err
