@@ -17,8 +17,10 @@ with k tasks releases k such vectors with independent noise: one Gaussian mechan
 vector with sensitivity sqrt(2 k) C and noise z C, i.e. a noise-to-sensitivity ratio
 sigma = z / sqrt(2 k). Devices with more tasks spend more; the report states the maximum over devices.
 
-Accounting: Renyi DP of the Gaussian mechanism (Mironov 2017: RDP(alpha) = alpha / (2 sigma^2), additive
-under composition), converted to (epsilon, delta) with the conversion of Balle et al. 2020 / Canonne,
+Accounting (distributed): Google's dp-accounting library composes the releases (its PLD accountant is
+what the report states; its RDP accountant is shown too); the closed form of the analytic Gaussian is the
+cross-check (tests/test_privacy.py). Accounting (local, unchanged): Renyi DP of the Gaussian mechanism
+(Mironov 2017: RDP(alpha) = alpha / (2 sigma^2), additive under composition), converted to (epsilon, delta) with the conversion of Balle et al. 2020 / Canonne,
 Kamath & Steinke 2020 (epsilon = RDP(alpha) + log((alpha - 1) / alpha) - (log delta + log alpha) /
 (alpha - 1), minimised over alpha). Because the whole release is a single Gaussian mechanism, its exact
 privacy curve is known too (the analytic Gaussian mechanism, Balle & Wang 2018): `analytic_epsilon`
@@ -48,6 +50,7 @@ privatised, and the sample counts in the profile are public metadata.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -195,19 +198,43 @@ def distributed_sigma(noise_multiplier: float, num_tasks: int = 1, releases: int
     return noise_multiplier / math.sqrt(2.0 * num_tasks * releases)
 
 
+@functools.lru_cache(maxsize=256)
+def library_epsilon(noise_multiplier: float, count: int, delta: float, accountant: str = "pld") -> float:
+    """epsilon at delta of `count` Gaussian mechanisms of noise multiplier (std / L2 sensitivity)
+    `noise_multiplier`, composed by Google's dp-accounting: its privacy-loss-distribution accountant
+    ('pld': numerically tight, pessimistic by construction) or its RDP accountant ('rdp')."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    _check_delta(delta)
+    if noise_multiplier <= 0:
+        return math.inf
+    make = {"pld": pld.PLDAccountant, "rdp": rdp.RdpAccountant}.get(accountant)
+    if make is None:
+        raise ValueError(f"unknown dp-accounting accountant {accountant!r} (pld or rdp)")
+    acc = make()
+    acc.compose(dp_accounting.GaussianDpEvent(noise_multiplier), int(count))
+    return float(acc.get_epsilon(delta))
+
+
 def distributed_epsilon(noise_multiplier: float, num_tasks: int, delta: float, releases: int = 1,
-                        method: str = "analytic") -> float:
-    """epsilon at delta of a device holding `num_tasks` tasks after `releases` distributed releases."""
+                        method: str = "pld") -> float:
+    """epsilon at delta of a device holding `num_tasks` tasks after `releases` distributed releases: each
+    release is one Gaussian mechanism of multiplier z / sqrt(2) per task vector, k x releases composed.
+    'pld' / 'rdp': dp-accounting; 'analytic': the closed form of the equivalent single Gaussian (exact)."""
     sigma = distributed_sigma(noise_multiplier, num_tasks, releases)
     if method == "analytic":
         return analytic_epsilon(sigma, delta)
-    if method == "rdp":
-        return rdp_epsilon(sigma, delta)
-    raise ValueError(f"unknown accounting method {method!r}")
+    if method in ("pld", "rdp"):
+        return library_epsilon(float(noise_multiplier) / math.sqrt(2.0), int(num_tasks) * int(releases), float(delta),
+                               method)
+    raise ValueError(f"unknown accounting method {method!r} (pld, rdp or analytic)")
 
 
 def distributed_noise_for_epsilon(epsilon: float, num_tasks: int, delta: float, releases: int = 1) -> float:
-    """The smallest dp_noise_multiplier z whose `releases` releases spend at most epsilon at delta."""
+    """The smallest dp_noise_multiplier z whose `releases` releases spend at most epsilon at delta: the
+    closed form (bisection on the analytic Gaussian), then raised until dp-accounting's PLD accountant, the
+    one the report states, agrees that epsilon is not exceeded."""
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"target epsilon must be a finite number > 0, got {epsilon}")
     _check_delta(delta)
@@ -219,7 +246,12 @@ def distributed_noise_for_epsilon(epsilon: float, num_tasks: int, delta: float, 
     for _ in range(80):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if analytic_epsilon(mid, delta) > epsilon else (lo, mid)
-    return hi * math.sqrt(2.0 * num_tasks * releases)
+    z = hi * math.sqrt(2.0 * num_tasks * releases)
+    for _ in range(40):
+        if distributed_epsilon(z, num_tasks, delta, releases) <= epsilon:
+            return z
+        z *= 1.0005
+    raise ValueError(f"dp-accounting does not confirm epsilon {epsilon} at delta {delta} near z = {z:.4g}")
 
 
 def shrink(values: np.ndarray, noise_var: float) -> np.ndarray:
@@ -256,7 +288,9 @@ def distributed_summary(noise_multiplier: float, clip: float, delta: float, task
         "epsilon_by_tasks": {str(n): distributed_epsilon(noise_multiplier, n, delta, releases)
                              for n in sorted(set(counts))},
         "noise_to_sensitivity": distributed_sigma(noise_multiplier, k, releases),
-        "accountant": "analytic Gaussian mechanism (Balle & Wang 2018) of the composed releases",
+        "accountant": "dp-accounting's PLD accountant (Google), k x releases Gaussian mechanisms composed; "
+                      "epsilon_analytic: the closed form of the equivalent single Gaussian (Balle & Wang 2018)",
+        "epsilon_rdp": distributed_epsilon(noise_multiplier, k, delta, releases, "rdp"),
         "statement": (f"distributed DP: the score sums the server unmasked are ({eps:.3g}, {delta:g})-DP with "
                       f"respect to each device's whole local dataset (worst device, {k} task(s), {releases} "
                       f"release(s); noise calibrated for at least {min_devices} devices in the sum; transform "
@@ -343,6 +377,7 @@ __all__ = [
     "distributed_noise_for_epsilon",
     "distributed_sigma",
     "distributed_summary",
+    "library_epsilon",
     "device_privacy",
     "run_privacy",
     "shrink",

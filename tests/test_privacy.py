@@ -336,3 +336,94 @@ def test_simulate_flags_reach_the_settings(monkeypatch, capsys):
     assert (s.clip_norm, s.aggregation, s.trim_fraction, s.server_clip) == (20.0, "trimmed-mean", 0.2, 1.5)
     assert s.noise_multiplier == pytest.approx(noise_for_epsilon(4.0, 3, s.dp_delta))
     assert json.loads(capsys.readouterr().out)["dp_epsilon"] == 4.0
+
+
+# ------------------------------------------------------------------ distributed DP: dp-accounting
+
+
+def test_dp_accounting_matches_the_closed_form_of_the_analytic_gaussian():
+    """Balle & Wang 2018: sigma 3.73 gives (1, 1e-5); dp-accounting's PLD accountant agrees with the closed
+    form, also for compositions (m Gaussians of ratio s = one of ratio s / sqrt(m)); its RDP accountant is
+    an upper bound, equal to the hand-written RDP one."""
+    assert privacy.library_epsilon(3.73, 1, 1e-5) == pytest.approx(1.0, abs=1e-3)
+    assert privacy.library_epsilon(3.73, 1, 1e-5) == pytest.approx(analytic_epsilon(3.73, 1e-5), rel=1e-4)
+    for s, count in ((3.73, 1), (2.0, 3), (6.0, 9), (10.0, 30)):
+        pld = privacy.library_epsilon(s, count, 1e-5)
+        exact = analytic_epsilon(s / math.sqrt(count), 1e-5)
+        assert pld == pytest.approx(exact, rel=1e-3), (s, count)
+        assert pld >= exact - 1e-9  # PLD is pessimistic: never below the exact value
+        rdp = privacy.library_epsilon(s, count, 1e-5, "rdp")
+        assert rdp > pld and rdp == pytest.approx(rdp_epsilon(s / math.sqrt(count), 1e-5), rel=2e-3)
+    with pytest.raises(ValueError, match="accountant"):
+        privacy.library_epsilon(1.0, 1, 1e-5, "moments")
+
+
+def test_distributed_noise_for_epsilon_is_confirmed_by_the_library_and_counts_releases():
+    for eps in (0.5, 1.0, 2.0, 4.0, 8.0):
+        z = privacy.distributed_noise_for_epsilon(eps, 3, 1e-5)
+        spent = privacy.distributed_epsilon(z, 3, 1e-5)
+        assert spent <= eps and spent == pytest.approx(eps, rel=2e-3), (eps, z, spent)
+        assert privacy.distributed_epsilon(z, 3, 1e-5, method="analytic") <= eps
+    z1 = privacy.distributed_noise_for_epsilon(2.0, 3, 1e-5)
+    z4 = privacy.distributed_noise_for_epsilon(2.0, 3, 1e-5, releases=4)
+    assert z4 == pytest.approx(2 * z1, rel=2e-3)  # 4 releases: twice the noise for the same epsilon
+    # Each task and each release counts: 3 tasks x 2 releases spend like 6 tasks x 1 release.
+    assert privacy.distributed_epsilon(z1, 3, 1e-5, 2) == pytest.approx(privacy.distributed_epsilon(z1, 6, 1e-5))
+    assert privacy.distributed_epsilon(z1, 3, 1e-5, 2) > privacy.distributed_epsilon(z1, 3, 1e-5)
+
+
+def test_distributed_summary_counts_every_release_and_an_aborted_one_spends_nothing():
+    z = privacy.distributed_noise_for_epsilon(2.0, 3, 1e-5, releases=3)
+    out = privacy.distributed_summary(z, 1.0, 1e-5, [1, 2, 3], min_devices=50, transform="fourth-root",
+                                      prior_releases=2)
+    assert out["releases"] == 3 and out["epsilon"] <= 2.0 and out["epsilon"] == pytest.approx(2.0, rel=2e-3)
+    assert out["epsilon_by_tasks"]["1"] < out["epsilon_by_tasks"]["3"] == out["epsilon"]
+    assert "3 release(s)" in out["statement"] and "at least 50 devices" in out["statement"]
+    aborted = privacy.distributed_summary(z, 1.0, 1e-5, [3], 50, "fourth-root", released=False)
+    assert aborted["releases"] == 0 and aborted["epsilon"] == 0.0 and "aborted" in aborted["statement"]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('privacy = "distributed"\ndp_noise_multiplier = 5.0\n', "needs secure_aggregation"),
+    ('secure_aggregation = true\nprivacy = "distributed"\n', "dp_noise_multiplier > 0"),
+    ('secure_aggregation = true\nprivacy = "distributed"\ndp_noise_multiplier = 5.0\nclip_norm = 2.0\n',
+     "replaces the local clip"),
+    ('secure_aggregation = true\nprivacy = "distributed"\ndp_noise_multiplier = 5.0\ndp_min_devices = 1\n',
+     "dp_min_devices"),
+    ('privacy = "none"\nclip_norm = 1.0\nnoise_multiplier = 1.0\n', "adds no noise"),
+    ('secure_aggregation = true\nprivacy = "distributed"\ndp_noise_multiplier = 5.0\n[finetune]\nrounds = 1\n',
+     "finetune.rounds > 0"),
+])
+def test_settings_refuse_what_distributed_dp_cannot_cover(tmp_path, text, fragment):
+    """Fine-tuning uploads weights outside the DP guarantee: refused with the reason, like the rest."""
+    path = tmp_path / "s.toml"
+    path.write_text("[scoring]\n" + text)
+    with pytest.raises(ValueError, match=fragment):
+        load_settings(path)
+    path.write_text("[scoring]\nsecure_aggregation = true\nprivacy = \"distributed\"\ndp_noise_multiplier = 5.0\n")
+    assert load_settings(path).scoring.privacy == "distributed"
+
+
+def test_simulate_epsilon_with_secure_aggregation_selects_distributed_dp(tmp_path, monkeypatch, capsys):
+    import simulations.runner
+    from cutfl.cli import main
+
+    path = tmp_path / "secure.toml"
+    path.write_text("[scoring]\nsecure_aggregation = true\n")
+    seen = {}
+
+    def fake_run(scenario, **kwargs):
+        seen["settings"] = load_scenario(scenario, **kwargs["scoring"]).settings
+        return {"scenario": "s", "status": "ok", "devices_ok": 1, "devices_rejected": 0, "devices_failed": 0,
+                "distinct_plans": 1, "all_within_budget": True, "seconds_total": 0.0, "delta_m": None,
+                "scores_to_dense_bytes": None, "privacy": {"mode": "distributed", "epsilon": 2.0}}
+
+    monkeypatch.setattr(simulations.runner, "run_scenario", fake_run)
+    assert main(["simulate", str(path), "--epsilon", "2"]) == 0
+    s = seen["settings"].scoring
+    assert s.privacy == "distributed" and s.noise_multiplier == 0 and s.clip_norm == 0
+    assert s.dp_noise_multiplier == pytest.approx(privacy.distributed_noise_for_epsilon(2.0, 3, 1e-5))
+    assert privacy.distributed_epsilon(s.dp_noise_multiplier, 3, 1e-5) <= 2.0
+    assert json.loads(capsys.readouterr().out)["dp_mode"] == "distributed"
+    assert main(["simulate", str(path), "--epsilon", "2", "--clip-norm", "3"]) != 0
+    assert "dp_clip" in capsys.readouterr().err
