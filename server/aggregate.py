@@ -30,7 +30,8 @@ makes plans device-specific, so the server builds one compact model per device i
 Fine-tune updates (`fedavg` over the devices of one plan) are first checked against the weights the round
 started from: `check_update` refuses one that moves them by more than half their norm, and `bound_updates`
 excludes an outlying delta of a group of 3 or more and clips the rest to `[finetune] clip_multiple` x the
-group's median delta norm; each update's weight is capped by the server (steps x batch size).
+group's median delta norm; each update's weight is capped by the server (steps x batch size) and at the
+group's lower median (`median_capped`).
 """
 
 from __future__ import annotations
@@ -258,5 +259,16 @@ def bound_updates(updates: Sequence[Mapping[str, np.ndarray]], reference: Mappin
     return out, refused
 
 
+def median_capped(weights: Sequence[float]) -> list[float]:
+    """Each weight capped at the group's lower median. A fine-tune update's example count is the device's
+    own claim; the server's cap (steps x batch size) is above what an honest device with less data reports,
+    so a device claiming 2^62 would still weigh several honest ones. Capped at the median of its group, a
+    minority cannot raise its share above an honest device's (in a pair, both weigh the smaller claim)."""
+    if not weights:
+        return []
+    cap = float(np.sort(np.asarray(weights, dtype=np.float64))[(len(weights) - 1) // 2])
+    return [min(float(w), cap) for w in weights]
+
+
 __all__ = ["AGGREGATORS", "aggregate", "bound_updates", "check_update", "clip_to_median", "fedavg", "is_statistic",
-           "normalised", "personalise", "trimmed_mean"]
+           "median_capped", "normalised", "personalise", "trimmed_mean"]

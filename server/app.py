@@ -62,7 +62,7 @@ from protocol.records import (
     record_arrays,
     sha256_field,
 )
-from server.aggregate import aggregate, bound_updates, check_update, fedavg, personalise
+from server.aggregate import aggregate, bound_updates, check_update, fedavg, median_capped, personalise
 from server.exchange import exchange, wait_for_nodes
 from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
@@ -461,7 +461,9 @@ def finetune_round(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
                                          f.clip_multiple)
         for i, why in refused.items():
             ledger.exclude(group[i][0], REJECTED, f"finetune-{round_}", f"finetune update: {why}")
-        averaged = fedavg([(bounded[i], n) for i, (_, _, n) in enumerate(group) if i in bounded])
+        kept = sorted(bounded)
+        averaged = fedavg(list(zip([bounded[i] for i in kept], median_capped([group[i][2] for i in kept]),
+                                   strict=True)))
         if gate is None or gate.admit(book, plan_hash, averaged):
             book.with_weights(plan_hash, averaged)
 

@@ -279,3 +279,15 @@ def test_deltas_are_clipped_to_a_multiple_of_the_group_median(monkeypatch, clip_
                 for k in ("w", "b")}
     for k in ("w", "b"):
         np.testing.assert_allclose(adopted[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_claimed_example_count_buys_no_more_weight_than_the_groups_median(monkeypatch):
+    """The server's cap (steps x batch size = 384 by default) is above what honest devices with their ~100
+    samples report; a device claiming 2^62 examples weighs what the group's median device does."""
+    from server.aggregate import fedavg
+
+    ledger, _, updates, adopted = _finetune(monkeypatch, {1: 1.0, 2: 1.2, 3: 0.9}, examples={1: 40, 2: 60, 3: 2**62})
+    assert all(r.ok for r in ledger)
+    expected = fedavg([(updates[1], 40.0), (updates[2], 60.0), (updates[3], 60.0)])
+    for name in ("w", "b"):
+        np.testing.assert_allclose(adopted[name], expected[name], rtol=1e-6)
