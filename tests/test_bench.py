@@ -198,3 +198,24 @@ def test_cli_iterative_flag():
     assert parser.parse_args(["bench"]).iterative == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--iterative", "0"])
+
+
+def test_runs_split_by_seed_merge_into_the_one_run(data, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_bench", Path(__file__).parents[1] / "benchmarks" / "merge_bench.py")
+    merge_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_bench)
+    whole = _bench(data, ["l1", "cut"], tmp_path / "whole", seeds=(0, 1))
+    parts = [_bench(data, ["l1", "cut"], tmp_path / f"s{s}", seeds=(s,)) for s in (0, 1)]
+    merged = merge_bench.merge(parts)
+    assert merged["config"]["seeds"] == [0, 1]
+    key = lambda r: (r["seed"], r["budget"], r["method"])  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731  (timings differ)
+    assert [strip(r) for r in sorted(merged["rows"], key=key)] == [strip(r) for r in sorted(whole["rows"], key=key)]
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_bench.merge([parts[0], parts[0]])
+    other = _bench(data, ["l1", "cut"], tmp_path / "other", seeds=(1,), steps=1)
+    with pytest.raises(ValueError, match="recovery"):
+        merge_bench.merge([parts[0], other])
