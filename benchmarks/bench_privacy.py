@@ -29,6 +29,7 @@ Rows (modes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +49,7 @@ from fleet_scores import (  # noqa: E402  (benchmarks/ on sys.path)
     flat,
     kept_change,
     load_fleet,
+    options_of,
     plan_fleet,
     private_reports,
     unflat,
@@ -54,13 +57,17 @@ from fleet_scores import (  # noqa: E402  (benchmarks/ on sys.path)
 )
 from machine import cpu_model  # noqa: E402
 
-from client.scoring import mean_one, privatise  # noqa: E402
+from client.scoring import distributed_share, mean_one, privatise  # noqa: E402
 from cut.data import get_dataset  # noqa: E402
 from cut.importance import score_tasks  # noqa: E402
 from cut.messages import PrivacySettings  # noqa: E402
-from cut.train import make_loader  # noqa: E402
-from server.aggregate import TaskScores, aggregate  # noqa: E402
-from server.privacy import local_epsilon, noise_for_epsilon  # noqa: E402
+from cut.train import evaluate, make_loader, multitask_delta  # noqa: E402
+from protocol.layout import TRANSFORMS, DistributedNoise, Layout  # noqa: E402
+from server.aggregate import TaskScores, aggregate, personalise  # noqa: E402
+from server.planning import PlanBook  # noqa: E402
+from server.privacy import distributed_noise_for_epsilon, local_epsilon, noise_for_epsilon  # noqa: E402
+from server.recovery import recover_plans  # noqa: E402
+from server.secagg import private_mean  # noqa: E402
 
 DELTA = 1e-5
 TASKS = 3  # the worst device holds all three tasks
@@ -141,6 +148,131 @@ def denoised_local(fleet: Fleet, clip: float, z: float, seed: int, p: float) -> 
     return out
 
 
+def product_layout(fleet: Fleet, z: float, transform: str, clip: float = 1.0) -> Layout:
+    """The layout server.secagg sends under `[scoring] privacy = "distributed"` with every device of the
+    fleet in the release (n_min = n) and dp_clip `clip`."""
+    settings = fleet.settings
+    n = len(fleet.devices)
+    dp = DistributedNoise(transform if transform in TRANSFORMS else "none", clip, z * clip / math.sqrt(n), n)
+    tasks = fleet.base.task_names
+    scale = float(settings.scoring.num_batches * settings.scoring.batch_size)
+    return Layout.of(fleet.base.task_groups(tasks), fleet.base.analysis(tasks).sizes, scale, dp)
+
+
+def rank_encode(scores: TaskScores, layout: Layout) -> TaskScores:
+    """Benchmark-only transform: each task's channels replaced by their rank over the task (1 = lowest,
+    ties averaged), scaled to norm 1: every vector has the same norm, so nothing is clipped."""
+    out: TaskScores = {}
+    for task, groups in scores.items():
+        names = list(groups)
+        ranks = rankdata(np.concatenate([np.asarray(groups[g], dtype=np.float64) for g in names]))  # ties: average
+        ranks *= layout.dp.clip / np.linalg.norm(ranks)
+        out[task] = unflat(ranks, groups, np.float64)
+    return out
+
+
+def blocks_of(fleet: Fleet, size: int, order: str) -> dict[str, list[np.ndarray]]:
+    """group -> list of channel-index arrays, blocks of `size` channels: consecutive indices ('index') or
+    consecutive in the order of the public pre-trained weights' magnitude ('public', data-free)."""
+    base = fleet.base
+    sizes = base.analysis(base.task_names).sizes
+    public = {}
+    if order == "public":
+        mags = score_tasks(base.model.eval(), None, list(base.task_names), "magnitude", 0, 0)
+        for groups in mags.values():
+            public.update({g: np.asarray(v, dtype=np.float64) for g, v in groups.items()})
+    out = {}
+    for g, n in sizes.items():
+        idx = np.argsort(-public[g], kind="stable") if order == "public" else np.arange(n)
+        step = size if size > 0 else n  # 0: the whole group is one unit
+        out[g] = [idx[i:i + step] for i in range(0, n, step)]
+    return out, public
+
+
+def product_aggregate(fleet: Fleet, z: float, seed: int, transform: str = "fourth-root", shrinkage: bool = True,
+                      block: int = 1, order: str = "index", clip: float = 1.0) -> TaskScores:
+    """The product's distributed DP path, in process: each device's real encode (protocol.layout), flatten and
+    noise share (client.scoring.distributed_share, seeded here per (seed, device)), the sum SecAgg+ would
+    unmask (exact up to its quantisation), and the server's real private_mean (server.secagg).
+
+    block != 1 (benchmark-only coarser units; 0 = one unit per channel group): each device releases, per
+    block B of `block` channels, the
+    value sum(u_B) / sqrt(|B|) (by Cauchy-Schwarz the vector's norm stays <= the clip, so the noise is the
+    same); the server gives every channel its block's mean and breaks ties inside a block by the public
+    pre-trained weights' magnitude (post-processing with public information)."""
+    layout = product_layout(fleet, z, transform, clip)
+    dp = layout.dp
+    channels = {t: layout.channels(t) for t in layout.task_names}
+    partition, public = blocks_of(fleet, block, order) if block != 1 else (None, {})
+    if partition is not None:  # the released layout has one coordinate per block
+        sizes = {g: len(bs) for g, bs in partition.items()}
+        released = Layout.of({t: [g for g, _ in groups] for t, groups in layout.tasks}, sizes, layout.weight_scale,
+                             dp)
+    else:
+        released = layout
+    total = np.zeros(released.size)
+    for d in fleet.devices:
+        u = rank_encode(d.scores, layout) if transform == "rank" else dp.encode(d.scores, channels)
+        if partition is not None:
+            u = {t: {g: np.array([v[b].sum() / math.sqrt(len(b)) for b in partition[g]]) for g, v in groups.items()}
+                 for t, groups in u.items()}
+        weights = {t: min(1.0, d.weights[t] / layout.weight_scale) for t in u}
+        vector = distributed_share(released.flatten(u, weights), released.score_size, dp.share_std,
+                                   np.random.default_rng([seed, d.pid]))
+        total += np.clip(vector, -released.clipping_range, released.clipping_range)
+    linear = dataclasses.replace(released, dp=dataclasses.replace(dp, transform="none"))
+    if transform == "rank":  # decode: the mean rank itself (clamped), after the same shrinkage
+        return private_mean(linear, total, len(fleet.devices), shrinkage)
+    if partition is None:
+        return private_mean(released, total, len(fleet.devices), shrinkage)
+    # Blocks: the clamped, shrunk mean of each block's value (up to one factor per task), then each
+    # channel's u = value / sqrt(|B|), then the inverse power.
+    out = private_mean(linear, total, len(fleet.devices), shrinkage)
+    full: TaskScores = {}
+    for task, groups in out.items():
+        full[task] = {}
+        for g, per_block in groups.items():
+            values = np.zeros(sum(len(b) for b in partition[g]))
+            for value, b in zip(per_block, partition[g], strict=True):
+                values[b] = (float(value) / math.sqrt(len(b))) ** (1.0 / dp.power)
+            tie = public[g] / (public[g].max() or 1.0) if order == "public" else np.zeros_like(values)
+            full[task][g] = values * (1.0 + 1e-3 * tie)
+        total_task = sum(float(v.sum()) for v in full[task].values()) or 1.0
+        full[task] = {g: (v / total_task).astype(np.float32) for g, v in full[task].items()}
+    return full
+
+
+def recovered_delta(fleet: Fleet, evaluator: Evaluator, aggregated: TaskScores, steps: int, cache: Path
+                    ) -> dict[str, float]:
+    """The fleet's delta_m after the server's default recovery (server.recovery.recover_plans with the
+    scenario's [recovery] settings, `steps` steps per plan), each distinct plan evaluated on the shared test
+    set as delivered (no BatchNorm re-estimation: the devices' default). Cached per plan hash and steps."""
+    settings = fleet.settings
+    book = PlanBook(fleet.base, options_of(settings), settings.planning.normalise)
+    plans = {}
+    for d in fleet.devices:
+        plans[d.pid] = book.plan(d.tasks, d.device.budget, personalise(aggregated, None, d.tasks, 0.0),
+                                 d.device.priorities, d.plan_key)
+        book.build(plans[d.pid])  # the compact model recover_plans trains
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if any(f"{p.plan_hash}|{steps}" not in done for p in plans.values()):
+        recover_plans(book, fleet.base, settings.recovery.model_copy(update={"steps": steps}))
+        for plan_hash in book.builds:
+            key = f"{plan_hash}|{steps}"
+            if key not in done:
+                model = book.model(plan_hash).eval()
+                tasks = book.builds[plan_hash].plan.tasks
+                done[key] = multitask_delta(fleet.base.model, evaluate(model, evaluator._test, list(tasks)),
+                                            evaluator.dense(tasks))
+        cache.write_text(json.dumps(done))
+    per_budget: dict[float, list[float]] = {}
+    for d in fleet.devices:
+        per_budget.setdefault(d.device.budget.value, []).append(done[f"{plans[d.pid].plan_hash}|{steps}"])
+    out = {"mean": float(np.mean([v for vs in per_budget.values() for v in vs]))}
+    out.update({f"{b:g}": float(np.mean(vs)) for b, vs in sorted(per_budget.items())})
+    return out
+
+
 def normalised_reports(report: TaskScores) -> TaskScores:
     """What server.aggregate does to each report first: per-task normalisation."""
     from cut.fusion import normalise
@@ -173,6 +305,29 @@ def group_means(fleet: Fleet, p: float) -> TaskScores:
 def uniform_scores(fleet: Fleet) -> TaskScores:
     like = next(d for d in fleet.devices if len(d.tasks) == 3).scores
     return {t: {g: np.ones_like(v) for g, v in groups.items()} for t, groups in like.items()}
+
+
+# variant -> (transform, block size, block order, shrinkage, dp_clip) of the product's distributed path
+PRODUCT_VARIANTS = {
+    "default (fourth-root, clip 0.1)": ("fourth-root", 1, "index", True, 0.1),
+    "sqrt, clip 0.1": ("sqrt", 1, "index", True, 0.1),
+    "rank, clip 0.1": ("rank", 1, "index", True, 0.1),
+    "fourth-root, clip 0.1, blocks of 8 (index order)": ("fourth-root", 8, "index", True, 0.1),
+    "fourth-root, clip 0.1, blocks of 8 (public weight order)": ("fourth-root", 8, "public", True, 0.1),
+    "fourth-root, clip 0.1, one unit per group (public weight order within)": ("fourth-root", 0, "public", True, 0.1),
+    "fourth-root": ("fourth-root", 1, "index", True, 1.0),
+    "fourth-root, clip 0.7": ("fourth-root", 1, "index", True, 0.7),
+    "fourth-root, clip 0.5": ("fourth-root", 1, "index", True, 0.5),
+    "fourth-root, no shrinkage": ("fourth-root", 1, "index", False, 1.0),
+    "sqrt": ("sqrt", 1, "index", True, 1.0),
+    "no transform, clip 5": ("none", 1, "index", True, 5.0),
+    "rank": ("rank", 1, "index", True, 1.0),
+    "fourth-root, blocks of 8 (index order)": ("fourth-root", 8, "index", True, 1.0),
+    "fourth-root, blocks of 8 (public weight order)": ("fourth-root", 8, "public", True, 1.0),
+    "fourth-root, blocks of 32 (public weight order)": ("fourth-root", 32, "public", True, 1.0),
+    "fourth-root, one unit per group (public weight order within)": ("fourth-root", 0, "public", True, 1.0),
+    "fourth-root, one unit per group, clip 0.7": ("fourth-root", 0, "public", True, 0.7),
+}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -233,6 +388,42 @@ def run(args: argparse.Namespace) -> dict:
             if "shrink-local" in families:
                 record("local DP, scores^0.25, shrinkage", "local", eps, z, seed,
                        lambda z=z, seed=seed: denoised_local(fleet, clip_p, z, seed, 0.25))
+    for eps in args.product_epsilons:
+        zp = distributed_noise_for_epsilon(eps, TASKS, DELTA)  # the product's calibration (analytic Gaussian)
+        for seed in args.seeds:
+            for variant in args.variants if "product" in families else ():
+                transform, block, order, shrinkage, clip_u = PRODUCT_VARIANTS[variant]
+                record(f"product distributed DP: {variant}", "product", eps, zp, seed,
+                       lambda zp=zp, seed=seed, transform=transform, block=block, order=order, shrinkage=shrinkage,
+                       clip_u=clip_u: product_aggregate(fleet, zp, seed, transform, shrinkage, block, order, clip_u))
+    if "recovered" in families:  # after the default server recovery: no noise and the default product mode
+        steps = fleet.settings.recovery.steps
+        cache = out / "recovered.json"
+        variant = args.variants[0]
+        transform, block, order, shrinkage, clip_u = PRODUCT_VARIANTS[variant]
+        todo = [("no noise, after recovery", None, None, lambda: agg_honest)]
+        for eps in args.recovery_epsilons:
+            zp = distributed_noise_for_epsilon(eps, TASKS, DELTA)
+            todo += [(f"product distributed DP: {variant}, after recovery", eps, seed,
+                      lambda zp=zp, seed=seed: product_aggregate(fleet, zp, seed, transform, shrinkage, block, order,
+                                                                 clip_u)) for seed in args.recovery_seeds]
+        for label, eps, seed, make in todo:
+            key = f"{label}|{eps}|{seed}"
+            if key not in results:
+                t0 = time.perf_counter()
+                row = {"label": label, "mode": "recovered", "epsilon": eps, "z": 0.0, "seed": seed,
+                       "recovery_steps": steps, "delta_m": recovered_delta(fleet, evaluator, make(), steps, cache),
+                       "kept_change": {}, "plans": 0, "seconds": time.perf_counter() - t0}
+                results[key] = row
+                results_path.write_text(json.dumps(results, indent=1))
+                print(f"{label} eps={eps} seed={seed}: delta_m {row['delta_m']['mean']:+.2f} "
+                      f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    if "product-reference" in families:
+        for variant in args.variants:
+            transform, block, order, shrinkage, clip_u = PRODUCT_VARIANTS[variant]
+            record(f"product distributed DP: {variant}, no noise", "reference", None, 0.0, None,
+                   lambda transform=transform, block=block, order=order, shrinkage=shrinkage, clip_u=clip_u:
+                   product_aggregate(fleet, 1e-9, 0, transform, shrinkage, block, order, clip_u))
     for eps in args.variant_epsilons:
         z = noise_for_epsilon(eps, TASKS, DELTA)
         if "clip" in families:
@@ -345,6 +536,13 @@ def main(argv: list[str] | None = None) -> None:
     floats = lambda text: [float(x) for x in text.split(",") if x]  # noqa: E731
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--epsilons", type=floats, default=[1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--product-epsilons", type=floats, default=[0.5, 1.0, 2.0, 4.0, 8.0],
+                    help="epsilons of the product's distributed-DP rows (--rows product)")
+    ap.add_argument("--recovery-epsilons", type=floats, default=[2.0],
+                    help="--rows recovered: epsilons of the default product mode after the server's recovery")
+    ap.add_argument("--recovery-seeds", type=lambda t: [int(x) for x in t.split(",") if x], default=[0])
+    ap.add_argument("--variants", type=lambda t: t.split(";"), default=["default (fourth-root, clip 0.1)"],
+                    help=f"product variants, ';'-separated: {'; '.join(PRODUCT_VARIANTS)}")
     ap.add_argument("--variant-epsilons", type=floats, default=[2.0, 8.0],
                     help="epsilons of the clip-norm and transform variants (one seed)")
     ap.add_argument("--rows", type=lambda t: t.split(","),

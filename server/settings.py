@@ -84,8 +84,10 @@ class ScoringSettings(Section):
                              "(needs secure_aggregation; dp_* keys; server.privacy)")
     dp_noise_multiplier: float = Field(0.0, ge=0, description="distributed: noise std of the unmasked sum = this "
                                                               "x dp_clip per coordinate (the central noise)")
-    dp_clip: float = Field(1.0, gt=0, description="distributed: L2 clip of each task's transformed vector "
-                                                   "T(s)/sqrt(channels); 1 never clips sqrt or fourth-root")
+    dp_clip: float = Field(0.1, gt=0, description="distributed: L2 clip of each task's transformed vector "
+                                                   "T(s)/sqrt(channels) (its norm lies in [channels^-1/4, 1] for "
+                                                   "fourth-root): at 0.1 every vector is scaled to it, so the "
+                                                   "noise only competes with directions (BENCHMARKS.md)")
     dp_transform: Literal["none", "sqrt", "fourth-root"] = Field(
         "fourth-root", description="distributed: score transform on the device, inverted on the server")
     dp_shrinkage: bool = Field(True, description="distributed: the server shrinks the noisy mean towards each "

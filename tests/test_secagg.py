@@ -305,7 +305,7 @@ def _run_spied(path: Path, out: Path) -> dict:
     return seen
 
 
-Z_E2E = 6.0  # the sum's noise std = 6 x dp_clip: large against the encoded scores (norm <= 1 per task)
+Z_E2E = 6.0  # the sum's noise std = 6 x dp_clip: large against the encoded scores (norm dp_clip per task)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +333,8 @@ def test_distributed_dp_run_completes_with_the_calibrated_noise_in_the_sum(dp_ru
     assert run["summary"]["devices_ok"] == 4, [d["reason"] for d in run["devices"].values()]
     layout, total, contributors = run["sum"]
     assert contributors == 4 and layout.dp.min_devices == 3 and layout.dp.transform == "fourth-root"
-    assert layout.dp.share_std == pytest.approx(Z_E2E * 1.0 / math.sqrt(3))
+    assert layout.dp.clip == 0.1  # the default: every task vector is scaled to it
+    assert layout.dp.share_std == pytest.approx(Z_E2E * 0.1 / math.sqrt(3))
     scenario = load_scenario(run["path"], out_dir=run["out"])
     base_model = BaseModel.load(scenario.settings.base_model_dir)
     scenario = resolve(scenario, base_model.card)
