@@ -25,6 +25,7 @@ with hooks (client.hooks); the simulation runner uses it, mirroring `server.app.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from client.adapt import adapt
 from client.data import LocalData, local_data
 from client.device import Device, device_from_node_config
 from client.hooks import NO_HOOKS, DeviceHooks
+from client.latency import measured_budget
 from client.scoring import score_and_encode
 from cut.compact import recalibrate_batchnorm
 from cut.importance import take_batches
@@ -199,7 +201,11 @@ class Handlers:
         device = self.device(context)
         self.hooks.before("profile", device)
         data = local_data(device)
-        profile = self.hooks.outgoing("profile", device, device.profile(data.num_train))
+        mine = device.profile(data.num_train)
+        if device.budget.kind == "latency":  # time the base model's shapes here (cached): client.latency
+            budget = measured_budget(device.budget, device.tasks, config, device.latency_threads, device.store_root)
+            mine = dataclasses.replace(mine, budget=budget)
+        profile = self.hooks.outgoing("profile", device, mine)
         content = RecordDict({PROFILE_REC: ConfigRecord({"data": encode_profile(profile)})})
         return Message(content, reply_to=msg)
 

@@ -1,7 +1,8 @@
 """Who a device is: its tasks, budget, class, data partition and local store, and its TaskProfile.
 
 A real device knows this about itself and is started with it (`flower-supernode --node-config
-"device-id='cam-7' tasks='seg,depth' budget=0.5 device-class='board' partition-id=3 num-partitions=20"`).
+"device-id='cam-7' tasks='seg,depth' budget=0.5 device-class='board' partition-id=3 num-partitions=20"`;
+a latency budget: `budget='latency=5ms'` or `budget='latency=0.5'`, timed on `latency-threads` threads).
 What data the base model expects (dataset, image size) comes with the server's profile query
 (protocol.phases.ProfileConfig); the node config overrides any of it. A simulated device is assigned its
 identity by simulations.fleet instead; nothing here knows about simulation.
@@ -32,6 +33,7 @@ class Device:
     store_root: str = ""
     store_shared: bool = False  # store_root is shared by several devices: each keeps its models in a subdir
     store_keep: int = 3  # models kept on the device (the active one and the previous ones)
+    latency_threads: int = 1  # onnxruntime threads a latency budget is measured with (node config latency-threads)
 
     def profile(self, samples: int) -> TaskProfile:
         """The TaskProfile this device sends: every scenes-like sample carries every task's labels."""
@@ -50,8 +52,11 @@ def _split_list(text: str) -> tuple[str, ...]:
 
 
 def _parse_budget(value: Any) -> Budget:
+    """'0.5', 'params=0.5', 'macs=0.5', 'latency=0.5' (of the dense model's time here) or 'latency=5ms'."""
     text = str(value)
     kind, _, number = text.rpartition("=") if "=" in text else ("params", "", text)
+    if kind == "latency" and number.strip().lower().endswith("ms"):
+        return Budget("latency", 1.0, milliseconds=float(number.strip()[:-2]))
     return Budget(kind, float(number))
 
 
@@ -93,6 +98,11 @@ def with_node_overrides(device: Device, node_config: Mapping[str, Any]) -> Devic
         device = replace(device, data=replace(device.data, **changes))
     if "store-dir" in node_config:
         device = replace(device, store_root=str(node_config["store-dir"]), store_shared=False)
+    if "latency-threads" in node_config:
+        threads = int(node_config["latency-threads"])
+        if threads < 1:
+            raise ValueError(f"device: latency-threads must be >= 1, got {threads}")
+        device = replace(device, latency_threads=threads)
     if "store-keep" in node_config:
         keep = int(node_config["store-keep"])
         if keep < 1:

@@ -36,9 +36,9 @@ import numpy as np
 from cut.groups import CostModel, GroupAnalysis
 from cut.plan import PruningPlan
 
-BUDGET_KINDS = ("params", "macs")  # analytic: plannable from the model alone
+ANALYTIC_KINDS = ("params", "macs")  # plannable from the model alone
 LATENCY = "latency"  # needs a latency table measured on the device (BudgetOptions.latency)
-ALL_BUDGET_KINDS = (*BUDGET_KINDS, LATENCY)
+BUDGET_KINDS = ALL_BUDGET_KINDS = (*ANALYTIC_KINDS, LATENCY)
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,7 @@ def uniform_keep_fraction(analysis: GroupAnalysis, budget_kind: str, budget_valu
 
 __all__ = [
     "ALL_BUDGET_KINDS",
+    "ANALYTIC_KINDS",
     "BUDGET_KINDS",
     "LATENCY",
     "BudgetOptions",

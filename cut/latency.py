@@ -111,6 +111,8 @@ class LatencyTable:
             raise ValueError("latency table names a layer twice")
         for layer in self.layers:
             layer.check()
+        if len(self.input_size) != 2 or not all(isinstance(v, int) and 1 <= v <= 1 << 16 for v in self.input_size):
+            raise ValueError(f"latency table input_size {self.input_size!r} must be (H, W) in 1..65536")
         if not (isinstance(self.threads, int) and 1 <= self.threads <= 1024):
             raise ValueError(f"latency table threads {self.threads!r} must be 1..1024")
         if self.round_to not in ROUND_CANDIDATES:

@@ -162,15 +162,48 @@ def check_count(where: str, what: str, value: Any, *, low: int, high: int) -> No
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of the decomposed model may remain, as a fraction of its params, MACs or latency."""
+    """How much of the decomposed model may remain, as a fraction of its params, MACs or latency.
+
+    A latency budget comes with the table the device measured on its own runtime (`cut.latency`), and may
+    be given in milliseconds there (`milliseconds` > 0; the server plans min(1, ms / table.dense_ms)).
+    """
 
     kind: str = "params"  # one of BUDGET_KINDS
     value: float = 1.0  # in (0, 1]
+    milliseconds: float = 0.0  # latency only: the budget in ms on the device (0: `value` is the fraction)
+    latency_table: Any = None  # latency only, required: a cut.latency.LatencyTable
 
-    def validate(self, where: str = "Budget") -> None:
+    def validate(self, where: str = "Budget", limits: Limits = DEFAULT_LIMITS) -> None:
         if self.kind not in BUDGET_KINDS:
             fail(where, f"unknown budget kind {self.kind!r}; known: {', '.join(BUDGET_KINDS)}")
         check_fraction(where, "budget value", self.value)
+        ms = self.milliseconds
+        if not _is_real(ms) or not math.isfinite(ms) or not 0 <= ms < 1e7:
+            fail(where, f"milliseconds {ms!r} must be a finite number in [0, 1e7)")
+        if self.kind != "latency":
+            if ms or self.latency_table is not None:
+                fail(where, f"milliseconds and a latency table belong to a latency budget, not {self.kind!r}")
+            return
+        if self.latency_table is None:
+            fail(where, "a latency budget needs the latency table measured on the device")
+        validate_latency_table(self.latency_table, f"{where}.latency_table", limits)
+
+
+def validate_latency_table(table: Any, where: str = "LatencyTable", limits: Limits = DEFAULT_LIMITS) -> None:
+    """A device's latency table: well formed (cut.latency.LatencyTable.check), bounded, names printable."""
+    from cut.latency import LatencyTable
+
+    if not isinstance(table, LatencyTable):
+        fail(where, f"expected a cut.latency.LatencyTable, got {type(table).__name__}")
+    try:
+        table.check()
+    except ValueError as e:
+        fail(where, str(e))
+    check_sha256(where, "base_model_sha256", table.base_model_sha256)
+    check_tasks(where, table.tasks, None, limits)
+    check_name(where, "runtime", table.runtime, limits)
+    for layer in table.layers:
+        check_name(where, "layer name", layer.name, limits)
 
 
 @dataclass(frozen=True)
@@ -200,7 +233,10 @@ class TaskProfile:
         check_tasks(where, self.tasks, known_tasks, limits)
         if not isinstance(self.budget, Budget):
             fail(where, "missing budget")
-        self.budget.validate(f"{where}.budget")
+        self.budget.validate(f"{where}.budget", limits)
+        table = self.budget.latency_table
+        if table is not None and set(table.tasks) != set(self.tasks):
+            fail(where, f"the latency table was measured for tasks {list(table.tasks)}, not {list(self.tasks)}")
         _check_real_map(where, "task_priority", self.task_priority, non_negative=True, limits=limits)
         _check_keys_among(where, "task_priority", self.task_priority, self.tasks)
         if not isinstance(self.samples_per_task, Mapping):

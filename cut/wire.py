@@ -120,6 +120,54 @@ def _budget_kind(where: str, kind: int) -> str:
 # ------------------------------------------------------------------------------- TaskProfile
 
 
+def _encode_budget(budget: Budget) -> pb.Budget:
+    msg = pb.Budget(kind=_BUDGET_TO_PB[budget.kind], value=float(budget.value),
+                    milliseconds=float(budget.milliseconds))
+    table = budget.latency_table
+    if table is not None:
+        msg.latency_table.CopyFrom(pb.LatencyTable(
+            format=table.format, base_model_sha256=table.base_model_sha256, tasks=list(table.tasks),
+            input_size=list(table.input_size), runtime=table.runtime, threads=table.threads,
+            round_to=table.round_to, dense_ms=float(table.dense_ms),
+            calibration=[pb.LatencyPoint(sum_ms=float(a), measured_ms=float(b)) for a, b in table.calibration],
+            layers=[pb.LatencyLayer(name=t.name, cin=list(t.cin), cout=list(t.cout),
+                                    us=[float(u) for row in t.us for u in row]) for t in table.layers],
+        ))
+    return msg
+
+
+def _decode_budget(where: str, msg: pb.Budget) -> Budget:
+    kind = _budget_kind(where, msg.kind)
+    table = None
+    if msg.HasField("latency_table"):
+        table = _decode_latency_table(f"{where}.latency_table", msg.latency_table)
+    return Budget(kind=kind, value=msg.value, milliseconds=msg.milliseconds, latency_table=table)
+
+
+def _decode_latency_table(where: str, msg: pb.LatencyTable):
+    """pb.LatencyTable -> cut.latency.LatencyTable; its own checks (bounds, grids, values) run on construction."""
+    from cut.latency import MAX_LAYERS, LatencyTable, LayerTiming
+
+    if len(msg.layers) > MAX_LAYERS:
+        fail(where, f"{len(msg.layers)} layers (max {MAX_LAYERS})")
+    layers = []
+    for layer in msg.layers:
+        cin, cout, us = list(layer.cin), list(layer.cout), list(layer.us)
+        if len(us) != len(cin) * len(cout):
+            fail(where, f"layer {layer.name[:80]!r}: {len(us)} times for a {len(cin)} x {len(cout)} grid")
+        rows = tuple(tuple(us[i * len(cout):(i + 1) * len(cout)]) for i in range(len(cin)))
+        layers.append(LayerTiming(layer.name, tuple(cin), tuple(cout), rows))
+    try:
+        return LatencyTable(
+            base_model_sha256=msg.base_model_sha256, tasks=tuple(msg.tasks), input_size=tuple(msg.input_size),
+            runtime=msg.runtime, threads=msg.threads, round_to=msg.round_to,
+            calibration=tuple((p.sum_ms, p.measured_ms) for p in msg.calibration), dense_ms=msg.dense_ms,
+            layers=tuple(layers), format=msg.format,
+        )
+    except ValueError as e:
+        fail(where, str(e))
+
+
 def encode_profile(profile: TaskProfile, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """TaskProfile -> protobuf bytes (validated first)."""
     profile.validate(limits=limits)
@@ -129,7 +177,7 @@ def encode_profile(profile: TaskProfile, *, limits: Limits = DEFAULT_LIMITS) -> 
             protocol_version=profile.protocol_version,
             device_id=profile.device_id,
             tasks=list(profile.tasks),
-            budget=pb.Budget(kind=_BUDGET_TO_PB[profile.budget.kind], value=float(profile.budget.value)),
+            budget=_encode_budget(profile.budget),
             device_class=profile.device_class,
         )
         msg.task_priority.update({k: float(v) for k, v in profile.task_priority.items()})
@@ -160,7 +208,7 @@ def decode_profile(
     profile = TaskProfile(
         device_id=msg.device_id,
         tasks=tuple(msg.tasks),
-        budget=Budget(kind=_budget_kind(f"{where}.budget", msg.budget.kind), value=msg.budget.value),
+        budget=_decode_budget(f"{where}.budget", msg.budget),
         device_class=msg.device_class,
         task_priority=dict(msg.task_priority),
         samples_per_task=dict(msg.samples_per_task),

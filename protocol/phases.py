@@ -122,10 +122,14 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ProfileConfig(PhaseConfig):
-    """query.profile: the data the base model expects (JSON of a DataSpec)."""
+    """query.profile: the data the base model expects (JSON of a DataSpec), and the base model's architecture
+    (config JSON) and sha256, so that a device with a latency budget can time the model's shapes on its own
+    runtime (no weights needed: time does not depend on their values) and send its table with its profile."""
 
     WHERE: ClassVar[str] = "profile query"
     data_spec: str = ""
+    architecture: str = ""
+    base_model_sha256: str = ""
 
     def data(self) -> DataSpec | None:
         return DataSpec.from_json(self.data_spec, self.WHERE) if self.data_spec else None

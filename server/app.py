@@ -169,7 +169,8 @@ def collect_profiles(grid: Grid, ledger: Ledger, settings: Settings, base: BaseM
     A device is the node that answered; the device id it declares is checked (server.identity) against the
     pins of [identity], the nodes that held restored ids before a restart, and the ids taken earlier in
     this phase: a clash refuses the newcomer, never the device that holds the id."""
-    query = ProfileConfig(data_spec=settings.data.to_json()).to_record()
+    query = ProfileConfig(data_spec=settings.data.to_json(), architecture=base.model.config.to_json(),
+                          base_model_sha256=base.sha256).to_record()
     contents = {r.node_id: RecordDict({CONFIG: ConfigRecord(dict(query))}) for r in ledger.active()}
     replies = exchange(grid, ledger, "profile", PROFILE, contents, settings.timeouts.profile, settings.max_in_flight)
     identities = Identities(settings.identity.pinned_ids, state.kept_identities() if state is not None else {},

@@ -1,7 +1,8 @@
 """The server's model side: the base model, plans per device, and compact models built once per plan.
 
 A plan depends on (task subset, budget, priorities, fused scores); with personalisation off, devices that
-agree on the first three share one plan. A compact model depends only on its plan, so it is built (pruned
+agree on the first three share one plan. A latency budget plans against the table the device measured
+on its own runtime (cut.latency), so only devices that sent the same table share its plan. A compact model depends only on its plan, so it is built (pruned
 with torch-pruning, hashed, its spec encoded) once per plan hash, however many devices receive it.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +110,32 @@ class PlanBook:
     def plan(self, tasks: tuple[str, ...], budget: Budget, per_task: TaskScores,
              priorities: Mapping[str, float], cache_key: tuple | None = None) -> PruningPlan:
         """Fuse the per-task scores and cut to the budget; `cache_key` shares plans between devices."""
+        value, options = budget.value, self.options
+        if budget.kind == "latency":
+            value, options = self.latency_budget(tasks, budget)
+            cache_key = None if cache_key is None else (*cache_key, budget.milliseconds, budget.latency_table)
         if cache_key is not None and cache_key in self._plans:
             return self._plans[cache_key]
-        plan = plan_from_scores(per_task, self.base.analysis(tasks), budget.kind, budget.value, options=self.options,
+        plan = plan_from_scores(per_task, self.base.analysis(tasks), budget.kind, value, options=options,
                                 priorities=priorities, normalise=self.normalise, base_model_sha256=self.base.sha256,
                                 tasks=tasks, method="cut")
         if cache_key is not None:
             self._plans[cache_key] = plan
         return plan
+
+    def latency_budget(self, tasks: tuple[str, ...], budget: Budget) -> tuple[float, BudgetOptions]:
+        """(fraction, options) of a device's latency budget: planned against the table it measured on its own
+        runtime; ValueError (the device is excluded, with the reason) if the table is not for this model."""
+        table = budget.latency_table
+        if table is None:
+            raise ValueError("latency budget without the device's latency table")
+        if table.base_model_sha256 != self.base.sha256:
+            raise ValueError(f"latency table measured for base model {table.base_model_sha256[:12]}..., not "
+                             f"{self.base.sha256[:12]}...")
+        if set(table.tasks) != set(tasks):
+            raise ValueError(f"latency table measured for tasks {list(table.tasks)}, not {list(tasks)}")
+        value = min(1.0, budget.milliseconds / table.dense_ms) if budget.milliseconds else budget.value
+        return value, replace(self.options, latency=table)
 
     def build(self, plan: PruningPlan) -> Build:
         """The compact model of `plan` (pruned once per plan hash)."""

@@ -57,6 +57,10 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "weights_sha256": record.held_sha256,
         "params_ratio": params_ratio,
         "macs_ratio": macs_ratio,
+        # a latency budget: the plan's ratio predicted by the device's own table, and its budget in ms if given
+        "latency_ratio_predicted": record.achieved.get("latency_ratio_predicted"),
+        "latency_ms_predicted": record.achieved.get("latency_ms_predicted"),
+        "budget_ms": (prof.budget.milliseconds or None) if prof else None,
         "delta_m": device_delta(record, record.metrics_compact, base),
         "delta_m_oneshot": device_delta(record, record.metrics_oneshot, base),
         "delta_m_delivered": device_delta(record, record.metrics_delivered or record.metrics_compact, base),
@@ -107,7 +111,13 @@ def grouped(entries: list[dict], key) -> dict[str, dict[str, float] | None]:
 
 
 def within_budget(entry: dict[str, Any]) -> bool:
-    ratio = entry["params_ratio"] if entry["budget_kind"] == "params" else entry["macs_ratio"]
+    if entry["budget_kind"] == "latency":  # against the device's table (ms budgets: plan value = ms / dense ms)
+        ms, budget_ms = entry.get("latency_ms_predicted"), entry.get("budget_ms")
+        if budget_ms:
+            return ms is not None and ms <= budget_ms * (1 + 1e-9)
+        ratio = entry.get("latency_ratio_predicted")
+    else:
+        ratio = entry["params_ratio"] if entry["budget_kind"] == "params" else entry["macs_ratio"]
     return ratio is not None and ratio <= entry["budget"] + 1e-9
 
 

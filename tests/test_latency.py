@@ -247,3 +247,122 @@ def test_bad_latency_budget_is_one_line(tiny_dir, tmp_path, capsys, budget, frag
     code, _, err = _prune(["--model", str(tiny_dir), "--tasks", "depth", "--budget", budget,
                            "--out", str(tmp_path / "x")], capsys)
     assert code != 0 and len(err) == 1 and fragment in err[0], err
+
+
+# ------------------------------------------------------------------ the federation: profile, wire, server plan
+
+
+def small_table(model, analysis, sha: str = "ab" * 32):
+    """A consistent synthetic table: its dense_ms is what it predicts for the dense model."""
+    table = dataclasses.replace(macs_table(model, analysis, round_to=16), base_model_sha256=sha)
+    dense = L.latency_cost(analysis, table).predict_ms(analysis.cost.group_sizes)
+    return dataclasses.replace(table, dense_ms=dense)
+
+
+def test_a_latency_profile_travels_with_its_table_and_bad_ones_are_refused(model, analysis):
+    from cut import wire
+    from cut.messages import Budget, TaskProfile, ValidationError
+
+    table = small_table(model, analysis)
+    profile = TaskProfile("cam-1", ("seg", "depth"), Budget("latency", 1.0, milliseconds=5.0, latency_table=table))
+    back = wire.decode_profile(wire.encode_profile(profile), known_tasks=("seg", "depth", "normals"))
+    assert back == profile and back.budget.latency_table.layers == table.layers
+    bad = {
+        "needs the latency table": Budget("latency", 0.5),
+        "belong to a latency budget": Budget("params", 0.5, milliseconds=5.0),
+        "finite number": Budget("latency", 0.5, milliseconds=float("nan"), latency_table=table),
+        "non-printable": Budget("latency", 0.5, latency_table=dataclasses.replace(
+            table, layers=(dataclasses.replace(table.layers[0], name="a\nb"), *table.layers[1:]))),
+    }
+    for reason, budget in bad.items():
+        with pytest.raises(ValidationError, match=f"TaskProfile.budget.*{reason}"):
+            wire.encode_profile(TaskProfile("cam-1", ("seg", "depth"), budget))
+    with pytest.raises(ValidationError, match="measured for tasks"):
+        wire.encode_profile(TaskProfile("cam-1", ("seg",), Budget("latency", 0.5, latency_table=table)))
+    # A table whose times do not fill its grid is refused on decoding.
+    from cut.proto import cutfl_pb2 as pb
+
+    msg = pb.TaskProfile.FromString(wire.encode_profile(profile))
+    del msg.budget.latency_table.layers[0].us[:]
+    with pytest.raises(ValidationError, match="times for a"):
+        wire.decode_profile(msg.SerializeToString())
+
+
+def test_the_server_plans_a_device_latency_budget_against_its_table(tmp_path, model, analysis):
+    from cut.checkpoint import save_model
+    from cut.fusion import TaskScores  # noqa: F401  (the server's score type: task -> group -> vector)
+    from cut.messages import Budget
+    from server.planning import BaseModel, PlanBook
+
+    full = build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32)))
+    full.load_state_dict(model.state_dict(), strict=False)
+    save_model(tmp_path / "base", full, {"dataset": "scenes"})
+    base = BaseModel.load(tmp_path / "base")
+    tasks = base.canonical(("seg", "depth"))
+    dec = base.decomposed(tasks)
+    table = small_table(dec, base.analysis(tasks), sha=base.sha256)
+    rng = np.random.default_rng(0)
+    per_task = {t: {g.name: rng.random(g.size) for g in base.analysis(tasks).groups_of_task(t)} for t in tasks}
+    book = PlanBook(base, BudgetOptions(round_to=4, min_channels=4))
+    dense_ms = L.latency_cost(base.analysis(tasks), table).predict_ms(base.analysis(tasks).cost.group_sizes)
+    key = (tasks, "latency", 1.0, ())
+    plan = book.plan(tasks, Budget("latency", 1.0, milliseconds=dense_ms * 0.5, latency_table=table), per_task, {},
+                     key)
+    assert plan.budget_kind == "latency" and plan.budget_value == pytest.approx(0.5 * dense_ms / table.dense_ms)
+    assert plan.achieved["latency_ms_predicted"] <= dense_ms * 0.5 * (1 + 1e-9)
+    assert all(len(k) % 16 == 0 or len(k) == plan.group_sizes[g] for g, k in plan.keep.items())  # table's multiple
+    other = dataclasses.replace(table, runtime="another phone")
+    second = book.plan(tasks, Budget("latency", 1.0, milliseconds=dense_ms * 0.5, latency_table=other), per_task, {},
+                       key)
+    assert second is not plan  # another table is another plan, even under the same cache key
+    assert book.plan(tasks, Budget("latency", 1.0, milliseconds=dense_ms * 0.5, latency_table=table), per_task, {},
+                     key) is plan
+    with pytest.raises(ValueError, match="measured for base model"):
+        book.plan(tasks, Budget("latency", 0.5, latency_table=dataclasses.replace(table, base_model_sha256="cd" * 32)),
+                  per_task, {})
+
+
+def test_a_device_measures_its_table_from_the_servers_architecture(tmp_path, monkeypatch):
+    from client.device import device_from_node_config
+    from client.latency import measured_budget
+    from cut.messages import Budget, ValidationError
+    from protocol.phases import ProfileConfig
+
+    monkeypatch.setattr(L, "measure_round_to", lambda threads: (8, {}))
+    monkeypatch.setattr(L, "PROBE_FRACTIONS", (1.0, 0.5))
+    device = device_from_node_config({"tasks": "depth", "budget": "latency=5ms", "latency-threads": 1}, None)
+    assert device.budget == Budget("latency", 1.0, milliseconds=5.0)
+    arch = build_model(ModelConfig(tasks=scene_tasks(), width=0.125, input_size=(16, 16), head_hidden=16)).config
+    config = ProfileConfig(architecture=arch.to_json(), base_model_sha256="ef" * 32)
+    budget = measured_budget(device.budget, device.tasks, config, device.latency_threads, str(tmp_path))
+    assert budget.milliseconds == 5.0 and budget.latency_table.tasks == ("depth",)
+    assert budget.latency_table.base_model_sha256 == "ef" * 32
+    assert list((tmp_path / "latency").glob("*.json"))  # cached in the device's store
+    budget.validate()
+    assert measured_budget(Budget("params", 0.5), ("depth",), config) == Budget("params", 0.5)
+    with pytest.raises(ValidationError, match="architecture"):
+        measured_budget(device.budget, device.tasks, ProfileConfig())
+
+
+@pytest.mark.slow
+def test_a_federation_device_with_a_latency_budget_gets_a_plan_within_its_milliseconds(tmp_path, monkeypatch):
+    """A simulated device declares latency=...ms: it measures its table at the profile query, the server
+    plans against it; a params device beside it is planned as before."""
+    from test_federation import scenario_file, tiny_model_dir
+
+    from simulations.runner import run_scenario
+
+    monkeypatch.setenv("CUTFL_CACHE", str(tmp_path / "cache"))
+    base = tiny_model_dir(tmp_path)
+    devices = {0: {"tasks": ["seg", "depth"], "budget_kind": "latency", "budget": 0.9},
+               1: {"tasks": ["depth"], "class": "small"}}
+    summary = run_scenario(scenario_file(tmp_path, base, rounds=0, devices=devices), out_dir=tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    entries = {d["device_id"]: d for d in report["devices"]}
+    assert summary["devices_ok"] == 2, [d["reason"] for d in report["devices"]]
+    latency = entries["device-0000"]
+    assert latency["budget_kind"] == "latency" and latency["budget"] == 0.9
+    assert 0 < latency["latency_ratio_predicted"] <= 0.9 + 1e-9  # this tiny model cannot go below ~0.79
+    assert latency["macs_ratio"] < 1.0  # pruned
+    assert entries["device-0001"]["params_ratio"] <= 0.5 + 1e-9
+    assert report["summary"]["all_within_budget"]

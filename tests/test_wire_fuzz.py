@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cut import wire
+from cut.latency import LatencyTable, LayerTiming
 from cut.messages import (
     Budget,
     CompactModelSpec,
@@ -57,6 +58,14 @@ def make_spec() -> CompactModelSpec:
 
 
 PROFILE = TaskProfile(device_id="d1", tasks=("seg",), budget=Budget("params", 0.5), samples_per_task={"seg": 3})
+TABLE = LatencyTable(
+    base_model_sha256=SHA, tasks=("seg",), input_size=(64, 64), runtime="onnxruntime 1.32.0 CPU", threads=1,
+    round_to=16, calibration=((0.5, 0.6), (1.0, 1.2)), dense_ms=1.2,
+    layers=(LayerTiming("backbone.conv1", (3,), (8, 16), ((5.0, 9.5),)),
+            LayerTiming("heads.seg.0", (8, 16), (4,), ((1.0,), (2.0,)))),
+)
+LATENCY_PROFILE = TaskProfile(device_id="d2", tasks=("seg",), budget=Budget("latency", 1.0, milliseconds=0.8,
+                                                                             latency_table=TABLE))
 REQUEST = ScoringRequest(
     base_model_id="m", base_model_sha256=SHA, tasks=("seg", "depth"), criterion="taylor", num_batches=2, batch_size=4
 )
@@ -64,6 +73,7 @@ REQUEST = ScoringRequest(
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL = Limits(max_header_bytes=64 << 10, max_array_bytes=1 << 20, max_elements=1 << 16)
 
+LATENCY_PROFILE_BYTES = wire.encode_profile(LATENCY_PROFILE)
 VALID_BYTES = {
     "profile": wire.encode_profile(PROFILE),
     "request": wire.encode_request(REQUEST),
@@ -135,6 +145,8 @@ def test_valid_messages_are_accepted_and_equal_to_what_was_sent(name):
     sent = {"profile": PROFILE, "request": REQUEST, "plan": make_plan(), "spec": make_spec(), "report": make_report()}
     arrays = wire.encode_report(make_report())[1] if name == "report" else None
     assert _accepts_or_rejects(name, VALID_BYTES[name], arrays, valid=True) == sent[name]
+    if name == "profile":  # with a latency budget and the device's table
+        assert _accepts_or_rejects(name, LATENCY_PROFILE_BYTES, valid=True) == LATENCY_PROFILE
 
 
 def test_the_oracle_checks_catch_a_decoder_that_rejects_or_accepts_everything(monkeypatch):
@@ -226,6 +238,48 @@ def clear(field: str):
     return lambda msg, draw: msg.ClearField(field)
 
 
+def inside(path: str, edit):
+    """`edit` applied to a nested message: 'budget.latency_table' or 'budget.latency_table.layers[1]'
+    (a repeated entry that is not there: nothing happens)."""
+
+    def apply(msg, draw) -> None:
+        for part in path.split("."):
+            name, _, index = part.partition("[")
+            msg = getattr(msg, name)
+            if index:
+                i = int(index[:-1])
+                if i >= len(msg):
+                    return
+                msg = msg[i]
+        edit(msg, draw)
+
+    return apply
+
+
+counts = st.lists(st.integers(0, 2**32 - 1) | st.integers(1, 40), max_size=7)
+TPATH = "budget.latency_table"
+TABLE_EDITS = [
+    put("budget.milliseconds", any_float),
+    inside("budget", clear("latency_table")),
+    put(f"{TPATH}.format", st.sampled_from(["cut-fl-latency/1", "", "cut-fl-latency/2"])),
+    put(f"{TPATH}.base_model_sha256", sha),
+    inside(TPATH, replace("tasks", st.lists(names, max_size=3))),
+    inside(TPATH, replace("input_size", st.lists(st.integers(0, 2**32 - 1) | st.integers(1, 99), max_size=3))),
+    put(f"{TPATH}.runtime", text),
+    put(f"{TPATH}.threads", st.integers(0, 2**32 - 1) | st.integers(0, 4)),
+    put(f"{TPATH}.round_to", st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 3, 8, 16, 32, 64])),
+    put(f"{TPATH}.dense_ms", any_float),
+    inside(f"{TPATH}.calibration[0]", put("sum_ms", any_float)),
+    inside(f"{TPATH}.calibration[1]", put("measured_ms", any_float)),
+    inside(TPATH, clear("calibration")),
+    inside(TPATH, clear("layers")),
+    inside(f"{TPATH}.layers[0]", put("name", st.sampled_from(["", "heads.seg.0", "x" * 300, "a\nb"]))),
+    inside(f"{TPATH}.layers[1]", replace("cin", counts)),
+    inside(f"{TPATH}.layers[0]", replace("cout", counts)),
+    inside(f"{TPATH}.layers[1]", replace("us", st.lists(any_float, max_size=5))),
+]
+
+
 COMMON = [put("protocol_version", st.integers(0, 2**32 - 1)), replace("tasks", st.lists(names, max_size=4))]
 PROFILE_EDITS = COMMON + [
     put("device_id", text),
@@ -235,6 +289,7 @@ PROFILE_EDITS = COMMON + [
     clear("budget"),
     replace("task_priority", st.dictionaries(names, any_float, max_size=3)),
     replace("samples_per_task", st.dictionaries(names, st.integers(-(2**63), 2**63 - 1), max_size=3)),
+    *TABLE_EDITS,
 ]
 REQUEST_EDITS = COMMON + [
     put("base_model_id", text),
@@ -301,6 +356,8 @@ def edited(draw, name: str) -> bytes:
         _apply(draw, msg, SPEC_EDITS)
         draw(edited_plan(msg.plan))
     else:
+        if name == "profile" and draw(st.booleans()):
+            msg = pb.TaskProfile.FromString(LATENCY_PROFILE_BYTES)
         _apply(draw, msg, PROFILE_EDITS if name == "profile" else REQUEST_EDITS)
     return msg.SerializeToString()
 
@@ -323,13 +380,43 @@ def _non_negative(value: float) -> bool:
     return math.isfinite(value) and value >= 0
 
 
+def _increasing(values) -> bool:
+    values = list(values)
+    return 1 <= len(values) <= 6 and all(v >= 1 for v in values) and all(a < b for a, b in zip(values, values[1:], strict=False))
+
+
+def _latency_table_ok(t: pb.LatencyTable, tasks: set[str]) -> bool:
+    """cut.latency's table rules, restated: format, bounds, increasing grids, finite times, names."""
+    positive = [p.sum_ms for p in t.calibration] + [p.measured_ms for p in t.calibration] + [t.dense_ms]
+    sums = [p.sum_ms for p in t.calibration]
+    layers_ok = all(_name_ok(x.name) and _increasing(x.cin) and _increasing(x.cout)
+                    and len(x.us) == len(x.cin) * len(x.cout) and all(math.isfinite(u) and 0 <= u < 1e9 for u in x.us)
+                    for x in t.layers)
+    return (t.format == "cut-fl-latency/1" and bool(_SHA256.fullmatch(t.base_model_sha256))
+            and _tasks_ok(t.tasks) and set(t.tasks) == tasks
+            and len(t.input_size) == 2 and all(1 <= v <= 65536 for v in t.input_size)
+            and _name_ok(t.runtime) and 1 <= t.threads <= 1024 and t.round_to in (1, 2, 4, 8, 16, 32)
+            and 1 <= len(t.calibration) <= 6 and all(math.isfinite(v) and 0 < v < 1e7 for v in positive)
+            and all(a < b for a, b in zip(sums, sums[1:], strict=False))
+            and 1 <= len(t.layers) <= 4096 and len({x.name for x in t.layers}) == len(t.layers) and layers_ok)
+
+
+def _budget_ok(b: pb.Budget, tasks: set[str]) -> bool:
+    ms = b.milliseconds
+    if not (b.kind in (1, 2, 3) and math.isfinite(b.value) and 0 < b.value <= 1 and math.isfinite(ms)
+            and 0 <= ms < 1e7):
+        return False
+    if b.kind != 3:  # milliseconds and a table belong to a latency budget only
+        return ms == 0 and not b.HasField("latency_table")
+    return b.HasField("latency_table") and _latency_table_ok(b.latency_table, tasks)
+
+
 def profile_is_valid(msg: pb.TaskProfile) -> bool:
     tasks = set(msg.tasks)
     return (msg.protocol_version == 1 and _name_ok(msg.device_id)
             and len(msg.device_class) <= 256 and msg.device_class.isprintable()
             and _tasks_ok(msg.tasks)
-            and msg.HasField("budget") and msg.budget.kind in (1, 2, 3)
-            and math.isfinite(msg.budget.value) and 0 < msg.budget.value <= 1
+            and msg.HasField("budget") and _budget_ok(msg.budget, tasks)
             and all(k in tasks and _non_negative(v) for k, v in msg.task_priority.items())
             and all(k in tasks and v >= 0 for k, v in msg.samples_per_task.items()))
 
@@ -373,6 +460,8 @@ def test_one_edited_field_is_accepted_exactly_when_valid(name, index, data):
     """One field at a time: a message that breaks exactly one rule is common here (with several random
     edits most messages break several rules, and a decoder that missed one rule would still reject them)."""
     msg = (pb.TaskProfile if name == "profile" else pb.ScoringRequest).FromString(VALID_BYTES[name])
+    if name == "profile" and index >= len(PROFILE_EDITS) - len(TABLE_EDITS):  # the table's fields: on a latency one
+        msg = pb.TaskProfile.FromString(LATENCY_PROFILE_BYTES)
     (PROFILE_EDITS if name == "profile" else REQUEST_EDITS)[index](msg, data.draw)
     _check_edited(name, msg.SerializeToString())
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Budget(_message.Message):
-    __slots__ = ("kind", "value")
+    __slots__ = ("kind", "value", "milliseconds", "latency_table")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Budget.Kind]
@@ -21,9 +21,57 @@ class Budget(_message.Message):
     LATENCY: Budget.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_TABLE_FIELD_NUMBER: _ClassVar[int]
     kind: Budget.Kind
     value: float
-    def __init__(self, kind: _Optional[_Union[Budget.Kind, str]] = ..., value: _Optional[float] = ...) -> None: ...
+    milliseconds: float
+    latency_table: LatencyTable
+    def __init__(self, kind: _Optional[_Union[Budget.Kind, str]] = ..., value: _Optional[float] = ..., milliseconds: _Optional[float] = ..., latency_table: _Optional[_Union[LatencyTable, _Mapping]] = ...) -> None: ...
+
+class LatencyLayer(_message.Message):
+    __slots__ = ("name", "cin", "cout", "us")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CIN_FIELD_NUMBER: _ClassVar[int]
+    COUT_FIELD_NUMBER: _ClassVar[int]
+    US_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cin: _containers.RepeatedScalarFieldContainer[int]
+    cout: _containers.RepeatedScalarFieldContainer[int]
+    us: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., cin: _Optional[_Iterable[int]] = ..., cout: _Optional[_Iterable[int]] = ..., us: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LatencyPoint(_message.Message):
+    __slots__ = ("sum_ms", "measured_ms")
+    SUM_MS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_MS_FIELD_NUMBER: _ClassVar[int]
+    sum_ms: float
+    measured_ms: float
+    def __init__(self, sum_ms: _Optional[float] = ..., measured_ms: _Optional[float] = ...) -> None: ...
+
+class LatencyTable(_message.Message):
+    __slots__ = ("format", "base_model_sha256", "tasks", "input_size", "runtime", "threads", "round_to", "dense_ms", "calibration", "layers")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    DENSE_MS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    format: str
+    base_model_sha256: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    input_size: _containers.RepeatedScalarFieldContainer[int]
+    runtime: str
+    threads: int
+    round_to: int
+    dense_ms: float
+    calibration: _containers.RepeatedCompositeFieldContainer[LatencyPoint]
+    layers: _containers.RepeatedCompositeFieldContainer[LatencyLayer]
+    def __init__(self, format: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., input_size: _Optional[_Iterable[int]] = ..., runtime: _Optional[str] = ..., threads: _Optional[int] = ..., round_to: _Optional[int] = ..., dense_ms: _Optional[float] = ..., calibration: _Optional[_Iterable[_Union[LatencyPoint, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LatencyLayer, _Mapping]]] = ...) -> None: ...
 
 class TaskProfile(_message.Message):
     __slots__ = ("protocol_version", "device_id", "tasks", "task_priority", "budget", "device_class", "samples_per_task")
