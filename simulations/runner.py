@@ -72,15 +72,30 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] != "Z"
+
+
 def end_descendants(grace: float = 5.0) -> None:
-    """SIGTERM every process below this one, wait up to `grace` seconds, SIGKILL what is left."""
+    """SIGTERM every process below this one, wait up to `grace` seconds, SIGKILL what is left.
+
+    Every process seen below us is remembered: one whose parent (raylet) died first is re-parented away from
+    this tree (Ray's DashboardAgent, RuntimeEnvAgent) and would be missed by a second look at the tree."""
+    seen: set[int] = set()
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
-        pids = _descendants(os.getpid())
-        for pid in pids:
+        seen.update(_descendants(os.getpid()))
+        for pid in sorted(seen):
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _descendants(os.getpid()):
+        while time.monotonic() < deadline and any(_alive(pid) for pid in seen):
+            seen.update(_descendants(os.getpid()))
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(-1, os.WNOHANG)  # our own children (raylet, GCS) must not linger as zombies
             time.sleep(0.1)

@@ -59,7 +59,7 @@ from protocol.records import (
     record_arrays,
     state_arrays,
 )
-from server.aggregate import check_update
+from server.aggregate import MAX_UPDATE_RATIO, check_update
 from server.ledger import REJECTED, DeviceRecord, Ledger
 from server.planning import BaseModel
 from server.settings import load_settings
@@ -530,6 +530,11 @@ def test_finetune_update(world, data):
     usable = set(arrays) == set(reference) and all(
         arrays[k].shape == np.shape(v) and arrays[k].dtype == np.asarray(v).dtype
         and (arrays[k].dtype.kind != "f" or np.isfinite(arrays[k]).all()) for k, v in reference.items())
+    if usable:  # ... and it moves the float weights (BN statistics aside) by at most MAX_UPDATE_RATIO of their norm
+        floats = [k for k, v in reference.items() if np.asarray(v).dtype.kind == "f" and "running_" not in k]
+        norm = np.sqrt(sum(np.sum(np.square(np.asarray(reference[k], np.float64))) for k in floats))
+        change = np.sqrt(sum(np.sum(np.square(arrays[k].astype(np.float64) - reference[k])) for k in floats))
+        usable = not (norm > 0 and change > MAX_UPDATE_RATIO * norm)
     reason = check_update(arrays, reference)
     assert isinstance(reason, str)
     assert (reason == "") == usable, (reason, {k: (a.dtype, a.shape) for k, a in arrays.items()})

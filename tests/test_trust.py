@@ -54,7 +54,8 @@ def test_a_refused_profile_is_reported_under_the_id_it_claimed(monkeypatch, tmp_
     replies = {n: SimpleNamespace(content=RecordDict({PROFILE_REC: ConfigRecord({"data": data})}))
                for n, data in ((1, bad), (2, good))}
     monkeypatch.setattr(server_app, "exchange", lambda *args, **kwargs: replies)
-    base = SimpleNamespace(task_names=("seg", "depth"), canonical=lambda tasks: tuple(tasks))
+    base = SimpleNamespace(task_names=("seg", "depth"), canonical=lambda tasks: tuple(tasks), sha256="a" * 64,
+                           model=SimpleNamespace(config=SimpleNamespace(to_json=lambda: "{}")))
     ledger = Ledger([1, 2])
     server_app.collect_profiles(None, ledger, SETTINGS, base)
     refused, accepted = ledger.records[1], ledger.records[2]
@@ -97,7 +98,8 @@ def _profiles(monkeypatch, claims: dict[int, str], keys: dict[int, bytes], setti
         {"data": wire.encode_profile(TaskProfile(device_id, ("seg",), Budget("params", 0.5)))})}))
         for n, device_id in claims.items()}
     monkeypatch.setattr(server_app, "exchange", lambda *args, **kwargs: replies)
-    base = SimpleNamespace(task_names=("seg", "depth"), canonical=lambda tasks: tuple(tasks))
+    base = SimpleNamespace(task_names=("seg", "depth"), canonical=lambda tasks: tuple(tasks), sha256="a" * 64,
+                           model=SimpleNamespace(config=SimpleNamespace(to_json=lambda: "{}")))
     ledger = Ledger(list(claims))
     kwargs = {} if state is None else {"state": state}
     server_app.collect_profiles(_Grid(keys), ledger, settings or SETTINGS, base, **kwargs)
