@@ -81,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cached(path: Path, make):
+    """Rendered batches (tensors in dicts/lists/tuples) kept between runs; loaded without unpickling code."""
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     value = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(value, path)
