@@ -295,16 +295,11 @@ def _param_slices(module: nn.Module, mname: str, is_out: bool, idxs, root_idxs) 
     return out
 
 
-def _output_positions(model: MultiTaskModel) -> dict[str, int]:
-    """Output positions (H*W, or 1 for a Linear on vectors) of every Conv2d / Linear for one image."""
-    positions: dict[str, int] = {}
-    handles = []
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(mod, inputs, output, n=n):
-                channels = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-                positions[n] = output.numel() // (output.shape[0] * channels)
-            handles.append(m.register_forward_hook(hook))
+def probe_layers(model: nn.Module, record) -> None:
+    """One eval-mode forward pass on zeros, calling `record(name, module, inputs, output)` for every Conv2d /
+    Linear; the model's training flag is restored. Shapes per layer are what cost models need."""
+    handles = [m.register_forward_hook(lambda mod, inputs, output, n=n: record(n, mod, inputs, output))
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     try:
@@ -314,6 +309,17 @@ def _output_positions(model: MultiTaskModel) -> dict[str, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def _output_positions(model: MultiTaskModel) -> dict[str, int]:
+    """Output positions (H*W, or 1 for a Linear on vectors) of every Conv2d / Linear for one image."""
+    positions: dict[str, int] = {}
+
+    def record(n, mod, inputs, output) -> None:
+        channels = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+        positions[n] = output.numel() // (output.shape[0] * channels)
+
+    probe_layers(model, record)
     return positions
 
 
@@ -377,5 +383,6 @@ __all__ = [
     "build_graph",
     "counts_of_keep",
     "example_input",
+    "probe_layers",
     "pruning_group",
 ]

@@ -187,8 +187,9 @@ def classify(logits: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
 # Running
 
 
-def cpu_session(onnx_path: str | Path, threads: int | None = 1):
-    """An onnxruntime CPU session; `threads` intra-op threads (None: onnxruntime's own choice)."""
+def cpu_session(model: str | Path | bytes, threads: int | None = 1, quiet: bool = False):
+    """An onnxruntime CPU session of a file or serialised model; `threads` intra-op threads (None:
+    onnxruntime's own choice). Sequential execution and full graph optimisation, as a device would run it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -197,7 +198,22 @@ def cpu_session(onnx_path: str | Path, threads: int | None = 1):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    if quiet:
+        options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def time_runs(session, feed: dict, runs: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `session` on `feed`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, threads: int = 1,
@@ -213,13 +229,7 @@ def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, thr
     shape = [1 if not isinstance(d, int) else d for d in spec.shape]
     shape[0] = 1
     feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = time_runs(session, feed, runs, warmup)
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
     return {
         "median_ms": statistics.median(times),
@@ -352,4 +362,5 @@ __all__ = [
     "resolve_onnx",
     "run_inference",
     "sidecar_path",
+    "time_runs",
 ]

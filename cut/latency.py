@@ -293,27 +293,16 @@ def runtime_name() -> str:
 
 
 def _session(model_bytes: bytes, threads: int):
-    import onnxruntime as ort
+    from cut.infer import cpu_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return cpu_session(model_bytes, threads, quiet=True)
 
 
 def _time_session(session, feed: dict, runs: int, warmup: int) -> float:
     """Median microseconds of one run."""
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    from cut.infer import time_runs
+
+    return statistics.median(time_runs(session, feed, runs, warmup)) * 1e3
 
 
 @dataclass(frozen=True)
@@ -386,26 +375,12 @@ def call_overhead_us(threads: int = 1, runs: int = 60) -> float:
 
 def layer_specs(model) -> list[LayerSpec]:
     """Every Conv2d / Linear of `model` with its input's shape (one forward pass on zeros)."""
-    import torch
     from torch import nn
 
-    from cut.groups import example_input
+    from cut.groups import probe_layers
 
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_hook(
-                lambda mod, inputs, output, n=n: shapes.__setitem__(n, tuple(inputs[0].shape))))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input(model))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    probe_layers(model, lambda n, mod, inputs, output: shapes.__setitem__(n, tuple(inputs[0].shape)))
     specs = []
     for n, m in model.named_modules():
         if n not in shapes:
@@ -482,7 +457,7 @@ def interleaved_ms(onnx_paths: Sequence[str | Path], threads: int = 1, rounds: i
                    warmup: int = WHOLE_WARMUP) -> list[float]:
     """Median ms of one batch-1 run of each model, timed in interleaved rounds (a busy host's load drifts
     over seconds: interleaving spreads it over every model alike). rounds * runs >= 20 per model."""
-    from cut.infer import cpu_session
+    from cut.infer import cpu_session, time_runs
 
     sessions, feeds = [], []
     for path in onnx_paths:
@@ -493,15 +468,11 @@ def interleaved_ms(onnx_paths: Sequence[str | Path], threads: int = 1, rounds: i
         sessions.append(session)
         feeds.append({spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)})
     for session, feed in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            session.run(None, feed)
+        time_runs(session, feed, 0, warmup)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
-            for _ in range(runs):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[i].append((time.perf_counter() - start) * 1e3)
+            times[i] += time_runs(session, feed, runs, 0)
     return [statistics.median(t) for t in times]
 
 
