@@ -2,7 +2,8 @@
 
 A real device knows this about itself and is started with it (`flower-supernode --node-config
 "device-id='cam-7' tasks='seg,depth' budget=0.5 device-class='board' partition-id=3 num-partitions=20"`;
-a latency budget: `budget='latency=5ms'` or `budget='latency=0.5'`, timed on `latency-threads` threads).
+a latency budget: `budget='latency=5ms'` or `budget='latency=0.5'`, timed on `latency-threads` threads;
+a memory budget: `budget='memory=3MB'` or `budget='memory=0.5'`, sized by the server from the model).
 What data the base model expects (dataset, image size) comes with the server's profile query
 (protocol.phases.ProfileConfig); the node config overrides any of it. A simulated device is assigned its
 identity by simulations.fleet instead; nothing here knows about simulation.
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cut.memory import parse_memory_budget
 from cut.messages import Budget, TaskProfile
 from protocol.phases import DataSpec
 
@@ -52,9 +54,16 @@ def _split_list(text: str) -> tuple[str, ...]:
 
 
 def _parse_budget(value: Any) -> Budget:
-    """'0.5', 'params=0.5', 'macs=0.5', 'latency=0.5' (of the dense model's time here) or 'latency=5ms'."""
+    """'0.5', 'params=0.5', 'macs=0.5', 'latency=0.5' (of the dense model's time here), 'latency=5ms',
+    'memory=0.5' (of the dense model's memory) or 'memory=3MB' (cut.memory.parse_memory_budget)."""
     text = str(value)
     kind, _, number = text.rpartition("=") if "=" in text else ("params", "", text)
+    if kind == "memory":
+        try:
+            fraction, nbytes = parse_memory_budget(number)
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
+        return Budget("memory", fraction, memory_bytes=nbytes)
     if kind == "latency" and number.strip().lower().endswith("ms"):
         return Budget("latency", 1.0, milliseconds=float(number.strip()[:-2]))
     return Budget(kind, float(number))

@@ -114,7 +114,8 @@ def prune(model: nn.Module, tasks: Sequence[str] | Mapping[str, Any], budget: fl
     `num_batches` batches of `data`, per-task normalisation and mean fusion of shared channels, cost-aware
     planning to the budget, compaction, BatchNorm statistics re-estimated on the scoring batches, then
     `recover_steps` steps of recovery (distillation from the dense model plus the task losses) on `data`.
-    `budget`: a fraction of the parameters (0.5), or "params=0.5" / "macs=0.5" / ("macs", 0.5).
+    `budget`: a fraction of the parameters (0.5), or "params=0.5" / "macs=0.5" / "memory=0.5" / ("macs", 0.5)
+    (memory: float32 weights + peak activations of batch-1 inference, `cut.memory`).
     """
     from cut.models.custom import make_tasks, unwrap
     from cut.pipeline import prune as run_pipeline
@@ -303,7 +304,7 @@ def load_compact(directory: str | Path, *, factory: str | None = None) -> nn.Mod
 
 
 def parse_budget(budget: float | str | tuple[str, float]) -> tuple[str, float]:
-    """(kind, fraction) from 0.5, "params=0.5", "macs=0.5" or ("macs", 0.5)."""
+    """(kind, fraction) from 0.5, "params=0.5", "macs=0.5", "memory=0.5" or ("macs", 0.5)."""
     from cut.budget import check_budget
 
     if isinstance(budget, str):
@@ -313,7 +314,10 @@ def parse_budget(budget: float | str | tuple[str, float]) -> tuple[str, float]:
         try:
             budget = (kind.strip(), float(value))
         except ValueError:
-            raise ValueError(f"budget {budget!r}: {value!r} is not a number") from None
+            hint = ("; a memory budget here is a fraction of the dense model's memory (for a size such as 3MB "
+                    "use cut.memory.memory_fraction, or `cutfl prune --budget memory=3MB`)"
+                    if kind.strip() == "memory" else "")
+            raise ValueError(f"budget {budget!r}: {value!r} is not a number{hint}") from None
     kind, value = budget if isinstance(budget, tuple) else ("params", budget)
     check_budget(kind, value)
     return kind, float(value)

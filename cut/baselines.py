@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 from cut.budget import BudgetOptions, make_plan
 from cut.groups import GroupAnalysis, analyse, example_input
 from cut.importance import score_summed, score_tasks, summed_objective
+from cut.memory import MEMORY, memory_cost
 from cut.models import MultiTaskModel
 from cut.plan import PruningPlan
 from cut.planner import PlanRequest, PlanResult, plan_from_counts, uniform_counts, uniform_plan, union_plan
@@ -225,7 +226,8 @@ class TorchPruningPeer:
         self.model = request.model
         self.analysis: GroupAnalysis = analyse(self.model)
         self.max_iterations = max_iterations
-        self.target = request.budget_value * self.analysis.cost.dense(request.budget_kind)
+        self.cost = memory_cost(self.analysis) if request.budget_kind == MEMORY else self.analysis.cost
+        self.target = request.budget_value * self.cost.dense(request.budget_kind)
         self.pruned: MultiTaskModel | None = None
         self._meta: tp.pruner.MetaPruner | None = None
 
@@ -274,7 +276,7 @@ class TorchPruningPeer:
                 group.prune()
 
     def _cost(self, kept: dict[str, int]) -> int:
-        return self.analysis.cost.cost(self.request.budget_kind, self.analysis.cost.counts_vector(kept))
+        return self.cost.cost(self.request.budget_kind, self.analysis.cost.counts_vector(kept))
 
     # -- entry point
 

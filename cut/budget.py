@@ -1,7 +1,8 @@
 """From fused channel scores and a budget to a PruningPlan (CUT step 4, without touching a model).
 
-A budget is a fraction of the *decomposed* model (its parameters, its MACs, or its latency measured on the
-device: `cut.latency`, passed as `BudgetOptions.latency`) that may remain. Channels
+A budget is a fraction of the *decomposed* model (its parameters, its MACs, its memory for batch-1
+inference: `cut.memory`, or its latency measured on the device: `cut.latency`, passed as
+`BudgetOptions.latency`) that may remain. Channels
 are ranked globally by their fused score divided by what one channel of their group costs (`cost_aware`,
 the default: the parameters or MACs that removing one channel from the dense model saves), so the
 budget buys the most importance per parameter; `cost_aware=False` ranks by score alone. Measured on
@@ -21,6 +22,12 @@ never above the budget and, where the granularity allows, within 1 percentage po
 A latency budget plans against the device's measured table (`cut.latency.LatencyCost`) with the
 table's measured channel multiple as `round_to`, and leaves whole the groups whose pruning saves no
 measurable time there (`cut.latency.no_saving_groups`): channels that cost nothing are not traded.
+
+A memory budget plans against `cut.memory.MemoryCost` (weight bytes + peak activation bytes, computed from
+the model alone). Its peak is a max over layers, not additive over channels: the searches above only ever
+evaluate whole kept-count vectors against it, exactly, and memory only grows with kept channels, so they
+hold as they are; the per-channel cost used for ranking comes from the cost model's additive stand-in
+(`rank_cost`: weight bytes + the sum of every layer's activation bytes).
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from cut.groups import CostModel, GroupAnalysis
+from cut.memory import MEMORY, memory_cost
 from cut.plan import PruningPlan
 
-ANALYTIC_KINDS = ("params", "macs")  # plannable from the model alone
+ANALYTIC_KINDS = ("params", "macs", MEMORY)  # plannable from the model alone
 LATENCY = "latency"  # needs a latency table measured on the device (BudgetOptions.latency)
 BUDGET_KINDS = ALL_BUDGET_KINDS = (*ANALYTIC_KINDS, LATENCY)
 
@@ -52,7 +60,7 @@ class BudgetOptions:
 
 
 def check_budget(kind: str, value: float) -> None:
-    """ValueError naming the problem if the budget is not (params|macs|latency, a fraction in (0, 1])."""
+    """ValueError naming the problem if the budget is not (params|macs|memory|latency, a fraction in (0, 1])."""
     if kind not in ALL_BUDGET_KINDS:
         raise ValueError(f"budget kind {kind!r} is not supported here; use one of {', '.join(ALL_BUDGET_KINDS)}")
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
@@ -73,8 +81,10 @@ def allowed_counts(size: int, options: BudgetOptions) -> np.ndarray:
 
 
 def cost_for(analysis: GroupAnalysis, kind: str, options: BudgetOptions) -> tuple[Any, BudgetOptions]:
-    """(cost model, options) for planning `kind`: the analytic model, or for latency the device's table
-    with its measured channel multiple and its no-saving groups kept whole."""
+    """(cost model, options) for planning `kind`: the analytic model, for memory `cut.memory.MemoryCost`, or
+    for latency the device's table with its measured channel multiple and its no-saving groups kept whole."""
+    if kind == MEMORY:
+        return memory_cost(analysis), options
     if kind != LATENCY:
         return analysis.cost, options
     if options.latency is None:
@@ -99,7 +109,8 @@ def group_allowed(cost, options: BudgetOptions) -> dict[str, np.ndarray]:
 
 
 def achieved_of(cost, kind: str, kept: np.ndarray) -> dict[str, float]:
-    """What a plan reaches: params / MACs (ratios and counts), and for latency the predicted ms and ratio."""
+    """What a plan reaches: params / MACs (ratios and counts), for memory its bytes (total and peak
+    activations) and ratio, and for latency the predicted ms and ratio."""
     params, macs = cost.evaluate(kept)
     out = {
         "params_ratio": params / cost.dense_params,
@@ -107,6 +118,10 @@ def achieved_of(cost, kind: str, kept: np.ndarray) -> dict[str, float]:
         "params": float(params),
         "macs": float(macs),
     }
+    if kind == MEMORY:
+        out["memory_bytes"] = float(cost.cost(kind, kept))
+        out["memory_ratio"] = cost.cost(kind, kept) / cost.dense(kind)
+        out["activation_bytes"] = float(cost.peak_bytes(kept))
     if kind == LATENCY:
         out["latency_ms_predicted"] = cost.cost(kind, kept) / 1e6
         out["latency_ratio_predicted"] = cost.cost(kind, kept) / cost.dense(kind)
@@ -123,7 +138,8 @@ def make_plan(
     tasks: tuple[str, ...] | list[str] | None = None,
     method: str = "cut",
 ) -> PruningPlan:
-    """The plan that keeps the best channels while params/MACs/latency stay within `budget_value` of dense."""
+    """The plan that keeps the best channels while params/MACs/memory/latency stay within `budget_value` of
+    dense."""
     check_budget(budget_kind, budget_value)
     cost, options = cost_for(analysis, budget_kind, options or BudgetOptions())
     names = list(cost.group_names)
@@ -152,13 +168,18 @@ def make_plan(
 
 
 def channel_costs(cost: CostModel, kind: str) -> np.ndarray:  # latency: ns, so the floor of 1 is tiny
-    """Per group: what removing one channel from the dense model saves (params or MACs), at least 1."""
-    dense = cost.cost(kind, cost.group_sizes)
+    """Per group: what removing one channel from the dense model saves (params, MACs, ...), at least 1.
+
+    A cost model whose budget figure is not additive over channels (memory: a max over layers) ranks by
+    the additive figure it offers as `rank_cost`.
+    """
+    figure = getattr(cost, "rank_cost", cost.cost)
+    dense = figure(kind, cost.group_sizes)
     out = np.empty(len(cost.group_names))
     for j in range(len(out)):
         kept = cost.group_sizes.copy()
         kept[j] -= 1
-        out[j] = max(1.0, dense - cost.cost(kind, kept))
+        out[j] = max(1.0, dense - figure(kind, kept))
     return out
 
 
@@ -240,6 +261,7 @@ __all__ = [
     "ANALYTIC_KINDS",
     "BUDGET_KINDS",
     "LATENCY",
+    "MEMORY",
     "BudgetOptions",
     "achieved_of",
     "allowed_counts",

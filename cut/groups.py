@@ -19,8 +19,9 @@ built-in models have no such layers.
 The cost model records, for each Conv2d / Linear / BatchNorm, which group (if any) controls its input
 and output channels, its kernel size, conv groups and output positions (from one forward pass). The
 parameters and MACs of the compact model a plan would build then follow in closed form (numpy, a few
-microseconds), so budget search never prunes a real model. The analysis is pure data and is cached per
-(config json, parameter shapes): a pruned model with the same config gets its own entry.
+microseconds), so budget search never prunes a real model. The same pass records every Conv2d / Linear's
+input and output shape (`LayerShape`), from which `cut.memory` sizes activations. The analysis is pure data
+and is cached per (config json, parameter shapes): a pruned model with the same config gets its own entry.
 """
 
 from __future__ import annotations
@@ -137,11 +138,28 @@ class CostModel:
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """One Conv2d / Linear as one image at the config's input size runs through it: its channels, the
+    positions (H*W, or tokens; 1 for a vector) of its input and output, and the groups (index into
+    `GroupAnalysis.groups`, -1: fixed) that control its input and output channels. A depthwise conv's
+    input channels follow its output group. What activation-size cost models need (`cut.memory`)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    in_positions: int
+    out_positions: int
+    in_group: int
+    out_group: int
+
+
+@dataclass(frozen=True)
 class GroupAnalysis:
     groups: tuple[ChannelGroup, ...]
     cost: CostModel
     task_names: tuple[str, ...]
     kept_whole: Mapping[str, str] = field(default_factory=dict)  # group root -> why it is never pruned
+    layers: tuple[LayerShape, ...] = ()  # every Conv2d / Linear, in forward order
 
     @property
     def names(self) -> list[str]:
@@ -194,8 +212,9 @@ def analyse(model: MultiTaskModel) -> GroupAnalysis:
         return hit
     dg = build_graph(model)
     groups, kept_whole = _collect_groups(model, dg)
-    result = GroupAnalysis(groups=groups, cost=_cost_model(model, groups), task_names=tuple(model.task_names),
-                           kept_whole=kept_whole)
+    cost, layers = _cost_model(model, groups)
+    result = GroupAnalysis(groups=groups, cost=cost, task_names=tuple(model.task_names), kept_whole=kept_whole,
+                           layers=layers)
     _CACHE[key] = result
     return result
 
@@ -311,19 +330,22 @@ def probe_layers(model: nn.Module, record) -> None:
         model.train(was_training)
 
 
-def _output_positions(model: MultiTaskModel) -> dict[str, int]:
-    """Output positions (H*W, or 1 for a Linear on vectors) of every Conv2d / Linear for one image."""
-    positions: dict[str, int] = {}
+def _layer_positions(model: MultiTaskModel) -> dict[str, tuple[int, int]]:
+    """(input, output) positions (H*W, or 1 for a Linear on vectors) of every Conv2d / Linear for one image,
+    in forward order."""
+    positions: dict[str, tuple[int, int]] = {}
 
     def record(n, mod, inputs, output) -> None:
-        channels = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        positions[n] = output.numel() // (output.shape[0] * channels)
+        cin, cout = (mod.in_channels, mod.out_channels) if isinstance(mod, nn.Conv2d) else (mod.in_features,
+                                                                                            mod.out_features)
+        batch = output.shape[0]
+        positions[n] = (inputs[0].numel() // (batch * cin), output.numel() // (batch * cout))
 
     probe_layers(model, record)
     return positions
 
 
-def _cost_model(model: MultiTaskModel, groups: tuple[ChannelGroup, ...]) -> CostModel:
+def _cost_model(model: MultiTaskModel, groups: tuple[ChannelGroup, ...]) -> tuple[CostModel, tuple[LayerShape, ...]]:
     gidx = {g.name: i for i, g in enumerate(groups)}
     in_of, out_of = {}, {}
     for g in groups:
@@ -331,7 +353,9 @@ def _cost_model(model: MultiTaskModel, groups: tuple[ChannelGroup, ...]) -> Cost
             out_of[n] = gidx[g.name]
         for n in g.in_modules:
             in_of[n] = gidx[g.name]
-    positions = _output_positions(model)
+    both = _layer_positions(model)
+    positions = {n: out for n, (_, out) in both.items()}
+    layers = tuple(_layer_shape(n, model.get_submodule(n), p, in_of, out_of) for n, p in both.items())
     rows = []
     modelled = 0
     for n, m in model.named_modules():
@@ -348,7 +372,17 @@ def _cost_model(model: MultiTaskModel, groups: tuple[ChannelGroup, ...]) -> Cost
         in_group=arr[0].astype(np.int64), out_group=arr[1].astype(np.int64),
         in_fixed=arr[2], out_fixed=arr[3], a=arr[4], b=arr[5], m=arr[6], n=arr[7],
         const_params=int(const),
-    )
+    ), layers
+
+
+def _layer_shape(n: str, m: nn.Module, positions: tuple[int, int], in_of: dict, out_of: dict) -> LayerShape:
+    og = out_of.get(n, -1)
+    if isinstance(m, nn.Conv2d):
+        cin, cout = m.in_channels, m.out_channels
+        ig = og if _is_depthwise(m) else in_of.get(n, -1)
+    else:
+        cin, cout, ig = m.in_features, m.out_features, in_of.get(n, -1)
+    return LayerShape(n, int(cin), int(cout), int(positions[0]), int(positions[1]), int(ig), int(og))
 
 
 def _layer_row(n: str, m: nn.Module, in_of: dict, out_of: dict, positions: dict) -> tuple | None:
@@ -378,6 +412,7 @@ __all__ = [
     "ChannelGroup",
     "CostModel",
     "GroupAnalysis",
+    "LayerShape",
     "ParamSlice",
     "analyse",
     "build_graph",

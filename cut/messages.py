@@ -25,11 +25,12 @@ import numpy as np
 from cut.plan import PLAN_FORMAT_VERSION, PruningPlan
 
 PROTOCOL_VERSION = 1
-BUDGET_KINDS = ("params", "macs", "latency")
+BUDGET_KINDS = ("params", "macs", "memory", "latency")
 SCORE_DTYPES = ("float16", "float32")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _INT32_MAX = 2**31 - 1
 _UINT32_MAX = 2**32 - 1
+MAX_MEMORY_BYTES = 1e15  # the largest memory budget a Budget may name (1 PB; cut.memory.MAX_BYTES)
 _INT64_MAX = 2**63 - 1
 
 
@@ -162,16 +163,19 @@ def check_count(where: str, what: str, value: Any, *, low: int, high: int) -> No
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of the decomposed model may remain, as a fraction of its params, MACs or latency.
+    """How much of the decomposed model may remain, as a fraction of its params, MACs, memory or latency.
 
     A latency budget comes with the table the device measured on its own runtime (`cut.latency`), and may
     be given in milliseconds there (`milliseconds` > 0; the server plans min(1, ms / table.dense_ms)).
+    A memory budget (`cut.memory`: weight + peak activation bytes of batch-1 inference) needs nothing from
+    the device, and may be given in bytes (`memory_bytes` > 0; the server plans min(1, bytes / dense)).
     """
 
     kind: str = "params"  # one of BUDGET_KINDS
     value: float = 1.0  # in (0, 1]
     milliseconds: float = 0.0  # latency only: the budget in ms on the device (0: `value` is the fraction)
     latency_table: Any = None  # latency only, required: a cut.latency.LatencyTable
+    memory_bytes: float = 0.0  # memory only: the budget in bytes (0: `value` is the fraction)
 
     def validate(self, where: str = "Budget", limits: Limits = DEFAULT_LIMITS) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -180,6 +184,11 @@ class Budget:
         ms = self.milliseconds
         if not _is_real(ms) or not math.isfinite(ms) or not 0 <= ms < 1e7:
             fail(where, f"milliseconds {ms!r} must be a finite number in [0, 1e7)")
+        nbytes = self.memory_bytes
+        if not _is_real(nbytes) or not math.isfinite(nbytes) or not (nbytes == 0 or 1 <= nbytes <= MAX_MEMORY_BYTES):
+            fail(where, f"memory_bytes {nbytes!r} must be 0 or a number of bytes in [1, {MAX_MEMORY_BYTES:g}]")
+        if nbytes and self.kind != "memory":
+            fail(where, f"memory_bytes belong to a memory budget, not {self.kind!r}")
         if self.kind != "latency":
             if ms or self.latency_table is not None:
                 fail(where, f"milliseconds and a latency table belong to a latency budget, not {self.kind!r}")

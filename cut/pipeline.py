@@ -5,9 +5,10 @@
     compact    = compact.compact_model(decomposed, plan)     # step 4: physically smaller dense model
     recover(compact, teacher=decomposed, batches, config)    # optional recovery, the same for every method
 
-The report says what was reached (params, MACs, bytes; each as a ratio to the dense decomposed model and
-to the full multi-task model), what decomposition alone saved, per-task metrics before (dense decomposed)
-and after, delta_m (EVALUATION.md), and where the time went. Data loading is timed apart from pruning.
+The report says what was reached (params, MACs, bytes, memory: `cut.memory`; each as a ratio to the dense
+decomposed model and to the full multi-task model), what decomposition alone saved, per-task metrics before
+(dense decomposed) and after, delta_m (EVALUATION.md), and where the time went. Data loading is timed apart
+from pruning.
 
 Same data for every method: `Samples` materialises a split once as tensors, and `seed_data` draws from
 it, per seed, the scoring batches (also used to re-estimate BatchNorm statistics) and the recovery
@@ -39,6 +40,7 @@ from cut.budget import BudgetOptions, check_budget
 from cut.checkpoint import state_dict_bytes
 from cut.compact import compact_model, recalibrate_batchnorm
 from cut.importance import Batch
+from cut.memory import model_memory
 from cut.methods import PlanRequest, PlanResult, canonical, plan_with
 from cut.models import MultiTaskModel, count_macs, count_params
 from cut.plan import PruningPlan
@@ -128,8 +130,14 @@ def seed_data(train: Samples, seed: int, batch_size: int, num_batches: int, reco
 
 
 def model_size(model: MultiTaskModel) -> dict[str, int]:
-    """Parameters, MACs (one image at the config's input size) and serialised state_dict bytes."""
-    return {"params": count_params(model), "macs": count_macs(model), "bytes": len(state_dict_bytes(model))}
+    """Parameters, MACs (one image at the config's input size), serialised state_dict bytes and the memory
+    batch-1 inference needs (`cut.memory.model_memory`: float32 weights + peak activations, bytes)."""
+    return {"params": count_params(model), "macs": count_macs(model), "bytes": len(state_dict_bytes(model)),
+            "memory": model_memory(model)["memory_bytes"]}
+
+
+def _memory_bytes(model: MultiTaskModel) -> int:
+    return model_memory(model)["memory_bytes"]
 
 
 def prune(
@@ -196,7 +204,7 @@ def prune(
             raise ValueError("recovery needs recovery_batches or a train_loader")
     stage_steps = [recovery.steps // iterative + (1 if k < recovery.steps % iterative else 0)
                    for k in range(iterative)][::-1]  # the remainder goes to the last stages
-    measure = count_params if budget_kind == "params" else count_macs
+    measure = {"params": count_params, "memory": _memory_bytes}.get(budget_kind, count_macs)
     dense_size = measure(decomposed)
     metrics: dict[str, Any] = {}
     report_recovery: dict[str, Any] = {}
@@ -299,6 +307,7 @@ def _report(base, decomposed, compact, result, metrics, seconds) -> dict[str, An
         "params_ratio": small["params"] / dense["params"],
         "macs_ratio": small["macs"] / dense["macs"],
         "bytes_ratio": small["bytes"] / dense["bytes"],
+        "memory_ratio": small["memory"] / dense["memory"],
         "params_ratio_full": small["params"] / full["params"],
         "macs_ratio_full": small["macs"] / full["macs"],
         "bytes_ratio_full": small["bytes"] / full["bytes"],
@@ -306,6 +315,7 @@ def _report(base, decomposed, compact, result, metrics, seconds) -> dict[str, An
             "params_ratio": dense["params"] / full["params"],
             "macs_ratio": dense["macs"] / full["macs"],
             "bytes_ratio": dense["bytes"] / full["bytes"],
+            "memory_ratio": dense["memory"] / full["memory"],
         },
         "plan_hash": result.plan.plan_hash,
         "plan_achieved": dict(result.plan.achieved),

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cut import fusion
-from cut.budget import BudgetOptions, check_budget, cost_for, group_allowed, make_plan
+from cut.budget import BudgetOptions, achieved_of, check_budget, cost_for, group_allowed, make_plan
 from cut.groups import GroupAnalysis
 from cut.importance import Batch
+from cut.memory import MEMORY, memory_cost
 from cut.models import MultiTaskModel
 from cut.plan import PruningPlan
 
@@ -118,7 +119,7 @@ def plan_from_counts(
         order = np.argsort(-np.asarray(order_scores[g], dtype=np.float64), kind="stable")
         keep[g] = tuple(sorted(int(i) for i in order[: int(counts[g])]))
     kept = cost.counts_vector({g: len(v) for g, v in keep.items()})
-    params, macs = cost.evaluate(kept)
+    memory = budget_kind == MEMORY  # params and MACs always; memory's bytes too (latency would need the table)
     return PruningPlan(
         base_model_sha256=base_model_sha256,
         tasks=tuple(tasks if tasks is not None else analysis.task_names),
@@ -127,9 +128,7 @@ def plan_from_counts(
         budget_kind=budget_kind,
         budget_value=float(budget_value),
         method=method,
-        achieved={"params_ratio": params / cost.dense_params,
-                  "macs_ratio": macs / cost.dense_macs if cost.dense_macs else 1.0,
-                  "params": float(params), "macs": float(macs)},
+        achieved=achieved_of(memory_cost(analysis) if memory else cost, MEMORY if memory else "params", kept),
     )
 
 

@@ -66,7 +66,8 @@ __all__ = [
     "verify_weights",
 ]
 
-_BUDGET_TO_PB = {"params": pb.Budget.PARAMS, "macs": pb.Budget.MACS, "latency": pb.Budget.LATENCY}
+_BUDGET_TO_PB = {"params": pb.Budget.PARAMS, "macs": pb.Budget.MACS, "latency": pb.Budget.LATENCY,
+                 "memory": pb.Budget.MEMORY}
 _BUDGET_FROM_PB = {v: k for k, v in _BUDGET_TO_PB.items()}
 _DTYPE_TO_PB = {"float16": pb.ImportanceReport.FLOAT16, "float32": pb.ImportanceReport.FLOAT32}
 _DTYPE_FROM_PB = {v: k for k, v in _DTYPE_TO_PB.items()}
@@ -122,7 +123,7 @@ def _budget_kind(where: str, kind: int) -> str:
 
 def _encode_budget(budget: Budget) -> pb.Budget:
     msg = pb.Budget(kind=_BUDGET_TO_PB[budget.kind], value=float(budget.value),
-                    milliseconds=float(budget.milliseconds))
+                    milliseconds=float(budget.milliseconds), memory_bytes=float(budget.memory_bytes))
     table = budget.latency_table
     if table is not None:
         msg.latency_table.CopyFrom(pb.LatencyTable(
@@ -141,7 +142,8 @@ def _decode_budget(where: str, msg: pb.Budget) -> Budget:
     table = None
     if msg.HasField("latency_table"):
         table = _decode_latency_table(f"{where}.latency_table", msg.latency_table)
-    return Budget(kind=kind, value=msg.value, milliseconds=msg.milliseconds, latency_table=table)
+    return Budget(kind=kind, value=msg.value, milliseconds=msg.milliseconds, latency_table=table,
+                  memory_bytes=msg.memory_bytes)
 
 
 def _decode_latency_table(where: str, msg: pb.LatencyTable):

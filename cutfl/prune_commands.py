@@ -18,10 +18,19 @@ def _csv(text: str) -> list[str]:
 
 
 def prune_budget(text: str) -> tuple[str, float]:
-    """--budget of `cutfl prune`: params=F, macs=F, latency=F (a fraction of the dense decomposed model's
-    time measured here) or latency=Xms (milliseconds on this machine) -> (kind, value); kind 'latency_ms'
-    for milliseconds."""
+    """--budget of `cutfl prune`: params=F, macs=F, memory=F (of the dense decomposed model's batch-1
+    inference memory, cut.memory), memory=3MB (a size), latency=F (a fraction of the dense decomposed
+    model's time measured here) or latency=Xms (milliseconds on this machine) -> (kind, value); kind
+    'latency_ms' for milliseconds, 'memory_bytes' for a size."""
     kind, _, value = text.partition("=")
+    if kind == "memory":
+        from cut.memory import parse_memory_budget
+
+        try:
+            fraction, nbytes = parse_memory_budget(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return ("memory_bytes", nbytes) if nbytes else ("memory", fraction)
     if kind == "latency" and value.strip().lower().endswith("ms"):
         number = value.strip()[:-2]
         try:
@@ -36,8 +45,8 @@ def prune_budget(text: str) -> tuple[str, float]:
     try:
         return parse_budget(text)
     except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e} (nor 'latency'; e.g. params=0.5, macs=0.5, latency=0.5, "
-                                         "latency=2.5ms)") from None
+        raise argparse.ArgumentTypeError(f"{e} (nor 'memory' or 'latency'; e.g. params=0.5, macs=0.5, "
+                                         "memory=0.5, memory=3MB, latency=0.5, latency=2.5ms)") from None
 
 
 def _latency_budget(args: argparse.Namespace, base, tasks: list[str], card: dict, kind: str, value: float):
@@ -58,6 +67,38 @@ def _latency_budget(args: argparse.Namespace, base, tasks: list[str], card: dict
     if asked_ms >= table.dense_ms:
         block["note"] = f"{asked_ms:.3f} ms is not below the dense model's {table.dense_ms:.3f} ms: nothing is pruned"
     return fraction, BudgetOptions(latency=table), block
+
+
+def _memory_budget(base, tasks: list[str], kind: str, value: float) -> tuple[float, dict]:
+    """(fraction, memory block of the report) for a memory budget: a size becomes a fraction of the dense
+    decomposed model's memory (cut.memory.memory_fraction: 1 at or above it, an error below the smallest plan)."""
+    from cut.groups import analyse
+    from cut.memory import format_bytes, memory_cost, memory_fraction
+
+    analysis = analyse(base.decompose(list(tasks)).eval())
+    dense = memory_cost(analysis).dense("memory")
+    if kind == "memory":
+        return value, {"asked_fraction": value, "asked_bytes": value * dense, "dense_bytes": dense}
+    fraction = memory_fraction(analysis, value)
+    block = {"asked_bytes": value, "asked_fraction": None, "dense_bytes": dense}
+    if value >= dense:
+        block["note"] = (f"{format_bytes(value)} is not below the dense model's {format_bytes(dense)}: "
+                         "nothing is pruned")
+    return fraction, block
+
+
+def _memory_achieved(compact, plan, block: dict) -> dict:
+    """Measured on the compact model (cut.memory.model_memory), next to the planner's prediction."""
+    from cut.memory import model_memory
+
+    measured = model_memory(compact.eval())
+    block.update(predicted_bytes=plan.achieved.get("memory_bytes"), achieved_bytes=measured["memory_bytes"],
+                 achieved_fraction=measured["memory_bytes"] / block["dense_bytes"],
+                 weight_bytes=measured["weight_bytes"], activation_bytes=measured["activation_bytes"],
+                 peak_layer=measured["peak_layer"],
+                 counts="float32 weights + the peak over Conv2d/Linear layers of input + output activations, "
+                        "batch 1 (cut.memory)")
+    return block
 
 
 def _measure_achieved(decomposed, compact, out: Path, card: dict, block: dict, threads: int) -> dict:
@@ -164,10 +205,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = seed_data(Samples.from_dataset(train_set), args.seed, args.batch_size, args.num_batches, recovery)
     test_batches = Samples.from_dataset(test_set).batches(64)
     kind, value = args.budget
-    options, latency = None, None
+    options, latency, memory = None, None, None
     if kind in ("latency", "latency_ms"):
         value, options, latency = _latency_budget(args, base, tasks, card, kind, value)
         kind = "latency"
+    if kind in ("memory", "memory_bytes"):
+        value, memory = _memory_budget(base, tasks, kind, value)
+        kind = "memory"
     compact, plan, report = prune(
         base, tasks, kind, value, method=args.method, criterion=args.criterion, fusion=args.fusion,
         test_loader=test_batches, seed=args.seed, base_sha256=card["weights_sha256"], recovery=recovery,
@@ -185,17 +229,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
         latency["predicted_ms"] = plan.achieved.get("latency_ms_predicted")
         report["latency"] = _measure_achieved(base.decompose(list(tasks)).eval(), compact.eval(), out, compact_card,
                                               latency, max(1, args.threads))
+    if memory is not None:
+        report["memory_budget"] = _memory_achieved(compact, plan, memory)
     (out / "plan.json").write_text(plan.to_json())
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    summary = {k: report.get(k) for k in ("tasks", "method", "budget", "params", "macs", "bytes", "params_ratio",
-                                          "macs_ratio", "params_ratio_full", "macs_ratio_full", "delta_m",
-                                          "delta_m_before_recovery")}
+    summary = {k: report.get(k) for k in ("tasks", "method", "budget", "params", "macs", "bytes", "memory",
+                                          "params_ratio", "macs_ratio", "memory_ratio", "params_ratio_full",
+                                          "macs_ratio_full", "delta_m", "delta_m_before_recovery")}
     summary["recovery"] = report["recovery"]["budget"]
     summary["seconds_prune"] = report["seconds"].get("prune_total")
     if latency is not None:
         summary["latency"] = {k: latency.get(k) for k in ("asked_ms", "asked_fraction", "predicted_ms", "achieved_ms",
                                                           "dense_ms_now", "achieved_fraction", "error", "note")
                               if latency.get(k) is not None}
+    if memory is not None:
+        summary["memory_budget"] = {k: memory.get(k) for k in ("asked_bytes", "asked_fraction", "dense_bytes",
+                                                               "predicted_bytes", "achieved_bytes",
+                                                               "achieved_fraction", "note")
+                                    if memory.get(k) is not None}
     summary["out"] = str(out)
     print(json.dumps(summary, indent=2))
     return 0
@@ -262,10 +313,11 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="pre-trained model directory")
     p.add_argument("--tasks", required=True, help="comma-separated tasks to keep, e.g. seg,depth")
     p.add_argument("--budget", type=prune_budget, default=("params", 0.5),
-                   help="what may remain of the decomposed model: params=F, macs=F or latency=F with F in (0, 1] "
-                        "(latency: of the dense model's onnxruntime time measured here, on --threads threads), or "
-                        "latency=Xms (milliseconds here); a latency budget writes model.onnx and reports asked vs "
-                        "achieved latency")
+                   help="what may remain of the decomposed model: params=F, macs=F, memory=F or latency=F with F "
+                        "in (0, 1] (memory: float32 weights + peak activations of batch-1 inference; latency: of "
+                        "the dense model's onnxruntime time measured here, on --threads threads), memory=SIZE "
+                        "(e.g. 3MB, 512KiB) or latency=Xms (milliseconds here); a latency budget writes "
+                        "model.onnx and reports asked vs achieved latency")
     p.add_argument("--method", default="cut", help="cut, a baseline (random, l1, snip, disparse, tp), an ablation "
                                                    "(cut-...) or a Torch-Pruning grid point (tp-...)")
     p.add_argument("--dataset", help="dataset for scoring and evaluation (default: the model's)")

@@ -2,7 +2,9 @@
 
 A plan depends on (task subset, budget, priorities, fused scores); with personalisation off, devices that
 agree on the first three share one plan. A latency budget plans against the table the device measured
-on its own runtime (cut.latency), so only devices that sent the same table share its plan. A compact model depends only on its plan, so it is built (pruned
+on its own runtime (cut.latency), so only devices that sent the same table share its plan. A memory budget
+in bytes is turned into a fraction of the dense decomposed model's memory, computed here from the model
+(cut.memory). A compact model depends only on its plan, so it is built (pruned
 with torch-pruning, hashed, its spec encoded) once per plan hash, however many devices receive it.
 """
 
@@ -20,6 +22,7 @@ from cut.checkpoint import load_model
 from cut.compact import compact_model
 from cut.fusion import TaskScores
 from cut.groups import GroupAnalysis, analyse
+from cut.memory import memory_fraction
 from cut.messages import Budget, CompactModelSpec
 from cut.models import MultiTaskModel, count_params
 from cut.plan import PruningPlan
@@ -114,6 +117,9 @@ class PlanBook:
         if budget.kind == "latency":
             value, options = self.latency_budget(tasks, budget)
             cache_key = None if cache_key is None else (*cache_key, budget.milliseconds, budget.latency_table)
+        elif budget.kind == "memory" and budget.memory_bytes:
+            value = self.memory_budget(tasks, budget)
+            cache_key = None if cache_key is None else (*cache_key, budget.memory_bytes)
         if cache_key is not None and cache_key in self._plans:
             return self._plans[cache_key]
         plan = plan_from_scores(per_task, self.base.analysis(tasks), budget.kind, value, options=options,
@@ -136,6 +142,12 @@ class PlanBook:
             raise ValueError(f"latency table measured for tasks {list(table.tasks)}, not {list(tasks)}")
         value = min(1.0, budget.milliseconds / table.dense_ms) if budget.milliseconds else budget.value
         return value, replace(self.options, latency=table)
+
+    def memory_budget(self, tasks: tuple[str, ...], budget: Budget) -> float:
+        """The fraction of the dense decomposed model's memory a device's budget in bytes is (1 at or above
+        it: nothing pruned); ValueError (the device is excluded, with the reason) if it is below what the
+        smallest plan needs."""
+        return memory_fraction(self.base.analysis(tasks), budget.memory_bytes, self.options)
 
     def build(self, plan: PruningPlan) -> Build:
         """The compact model of `plan` (pruned once per plan hash)."""

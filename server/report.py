@@ -61,6 +61,10 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "latency_ratio_predicted": record.achieved.get("latency_ratio_predicted"),
         "latency_ms_predicted": record.achieved.get("latency_ms_predicted"),
         "budget_ms": (prof.budget.milliseconds or None) if prof else None,
+        # a memory budget (cut.memory: weight + peak activation bytes), and its budget in bytes if given
+        "memory_ratio": record.achieved.get("memory_ratio"),
+        "memory_bytes": record.achieved.get("memory_bytes"),
+        "budget_bytes": (prof.budget.memory_bytes or None) if prof else None,
         "delta_m": device_delta(record, record.metrics_compact, base),
         "delta_m_oneshot": device_delta(record, record.metrics_oneshot, base),
         "delta_m_delivered": device_delta(record, record.metrics_delivered or record.metrics_compact, base),
@@ -116,6 +120,11 @@ def within_budget(entry: dict[str, Any]) -> bool:
         if budget_ms:
             return ms is not None and ms <= budget_ms * (1 + 1e-9)
         ratio = entry.get("latency_ratio_predicted")
+    elif entry["budget_kind"] == "memory":  # bytes budgets: plan value = min(1, bytes / dense bytes)
+        nbytes, budget_bytes = entry.get("memory_bytes"), entry.get("budget_bytes")
+        if budget_bytes:
+            return nbytes is not None and nbytes <= budget_bytes * (1 + 1e-9)
+        ratio = entry.get("memory_ratio")
     else:
         ratio = entry["params_ratio"] if entry["budget_kind"] == "params" else entry["macs_ratio"]
     return ratio is not None and ratio <= entry["budget"] + 1e-9

@@ -228,7 +228,7 @@ class Timeouts(Section):
 class FleetClass(Section):
     name: str
     budget: float = Field(gt=0, le=1)
-    budget_kind: Literal["params", "macs"] = "params"
+    budget_kind: Literal["params", "macs", "memory"] = "params"  # latency: per device (it measures a table)
     weight: float = Field(1.0, ge=0)
 
 

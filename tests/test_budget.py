@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from cut.budget import BudgetOptions, allowed_counts, check_budget, make_plan, min_keep, uniform_keep_fraction
+from cut.budget import (
+    BudgetOptions,
+    allowed_counts,
+    check_budget,
+    cost_for,
+    make_plan,
+    min_keep,
+    uniform_keep_fraction,
+)
 from cut.data.scenes import scene_tasks
 from cut.groups import analyse
 from cut.models import ModelConfig, build_model
@@ -24,12 +32,13 @@ def random_scores(analysis, seed: int = 0) -> dict[str, np.ndarray]:
     return {g.name: rng.random(g.size).astype(np.float32) for g in analysis.groups}
 
 
-@pytest.mark.parametrize("kind", ["params", "macs"])
+@pytest.mark.parametrize("kind", ["params", "macs", "memory"])
 @pytest.mark.parametrize("budget", [0.2, 0.3, 0.45, 0.6, 0.75, 0.9])
 def test_reached_fraction_is_never_above_and_within_one_point(analysis, kind, budget):
     plan = make_plan(random_scores(analysis, int(budget * 100)), analysis, kind, budget)
     counts = {g: len(v) for g, v in plan.keep.items()}
-    reached = analysis.cost.cost(kind, analysis.cost.counts_vector(counts)) / analysis.cost.dense(kind)
+    cost, _ = cost_for(analysis, kind, BudgetOptions())  # memory: cut.memory.MemoryCost (tests/test_memory_budget.py)
+    reached = cost.cost(kind, cost.counts_vector(counts)) / cost.dense(kind)
     assert reached <= budget
     assert reached >= budget - 0.01
     assert math.isclose(plan.achieved[f"{kind}_ratio"], reached)

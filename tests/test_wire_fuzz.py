@@ -66,6 +66,7 @@ TABLE = LatencyTable(
 )
 LATENCY_PROFILE = TaskProfile(device_id="d2", tasks=("seg",), budget=Budget("latency", 1.0, milliseconds=0.8,
                                                                              latency_table=TABLE))
+MEMORY_PROFILE = TaskProfile(device_id="d3", tasks=("seg",), budget=Budget("memory", 1.0, memory_bytes=3e6))
 REQUEST = ScoringRequest(
     base_model_id="m", base_model_sha256=SHA, tasks=("seg", "depth"), criterion="taylor", num_batches=2, batch_size=4
 )
@@ -74,6 +75,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 SMALL = Limits(max_header_bytes=64 << 10, max_array_bytes=1 << 20, max_elements=1 << 16)
 
 LATENCY_PROFILE_BYTES = wire.encode_profile(LATENCY_PROFILE)
+MEMORY_PROFILE_BYTES = wire.encode_profile(MEMORY_PROFILE)
 VALID_BYTES = {
     "profile": wire.encode_profile(PROFILE),
     "request": wire.encode_request(REQUEST),
@@ -147,6 +149,7 @@ def test_valid_messages_are_accepted_and_equal_to_what_was_sent(name):
     assert _accepts_or_rejects(name, VALID_BYTES[name], arrays, valid=True) == sent[name]
     if name == "profile":  # with a latency budget and the device's table
         assert _accepts_or_rejects(name, LATENCY_PROFILE_BYTES, valid=True) == LATENCY_PROFILE
+        assert _accepts_or_rejects(name, MEMORY_PROFILE_BYTES, valid=True) == MEMORY_PROFILE  # a size in bytes
 
 
 def test_the_oracle_checks_catch_a_decoder_that_rejects_or_accepts_everything(monkeypatch):
@@ -289,6 +292,7 @@ PROFILE_EDITS = COMMON + [
     clear("budget"),
     replace("task_priority", st.dictionaries(names, any_float, max_size=3)),
     replace("samples_per_task", st.dictionaries(names, st.integers(-(2**63), 2**63 - 1), max_size=3)),
+    put("budget.memory_bytes", any_float | st.sampled_from([3e6, 1e15, 1.0000000000000002e15, 0.99])),
     *TABLE_EDITS,
 ]
 REQUEST_EDITS = COMMON + [
@@ -356,8 +360,9 @@ def edited(draw, name: str) -> bytes:
         _apply(draw, msg, SPEC_EDITS)
         draw(edited_plan(msg.plan))
     else:
-        if name == "profile" and draw(st.booleans()):
-            msg = pb.TaskProfile.FromString(LATENCY_PROFILE_BYTES)
+        if name == "profile":
+            start = draw(st.sampled_from([VALID_BYTES[name], LATENCY_PROFILE_BYTES, MEMORY_PROFILE_BYTES]))
+            msg = pb.TaskProfile.FromString(start)
         _apply(draw, msg, PROFILE_EDITS if name == "profile" else REQUEST_EDITS)
     return msg.SerializeToString()
 
@@ -402,9 +407,11 @@ def _latency_table_ok(t: pb.LatencyTable, tasks: set[str]) -> bool:
 
 
 def _budget_ok(b: pb.Budget, tasks: set[str]) -> bool:
-    ms = b.milliseconds
-    if not (b.kind in (1, 2, 3) and math.isfinite(b.value) and 0 < b.value <= 1 and math.isfinite(ms)
-            and 0 <= ms < 1e7):
+    ms, nbytes = b.milliseconds, b.memory_bytes
+    if not (b.kind in (1, 2, 3, 4) and math.isfinite(b.value) and 0 < b.value <= 1 and math.isfinite(ms)
+            and 0 <= ms < 1e7 and math.isfinite(nbytes) and (nbytes == 0 or 1 <= nbytes <= 1e15)):
+        return False
+    if nbytes and b.kind != 4:  # bytes belong to a memory budget only
         return False
     if b.kind != 3:  # milliseconds and a table belong to a latency budget only
         return ms == 0 and not b.HasField("latency_table")
@@ -481,7 +488,7 @@ def valid_plans(draw) -> PruningPlan:
                                  st.integers(1, 40), min_size=1))
     keep = {g: tuple(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n)))) for g, n in sizes.items()}
     return PruningPlan(base_model_sha256=draw(sha.filter(_SHA256.fullmatch)), tasks=tasks, keep=keep,
-                       group_sizes=sizes, budget_kind=draw(st.sampled_from(["params", "macs", "latency"])),
+                       group_sizes=sizes, budget_kind=draw(st.sampled_from(["params", "macs", "memory", "latency"])),
                        budget_value=draw(st.floats(1e-6, 1.0)), method=draw(st.sampled_from(["cut", "l1", "x" * 256])),
                        achieved=draw(st.dictionaries(st.sampled_from(["params_ratio", "macs_ratio"]),
                                                      st.floats(-1e6, 1e6), max_size=2)))

@@ -8,26 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Budget(_message.Message):
-    __slots__ = ("kind", "value", "milliseconds", "latency_table")
+    __slots__ = ("kind", "value", "milliseconds", "latency_table", "memory_bytes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Budget.Kind]
         PARAMS: _ClassVar[Budget.Kind]
         MACS: _ClassVar[Budget.Kind]
         LATENCY: _ClassVar[Budget.Kind]
+        MEMORY: _ClassVar[Budget.Kind]
     KIND_UNSPECIFIED: Budget.Kind
     PARAMS: Budget.Kind
     MACS: Budget.Kind
     LATENCY: Budget.Kind
+    MEMORY: Budget.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_TABLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: Budget.Kind
     value: float
     milliseconds: float
     latency_table: LatencyTable
-    def __init__(self, kind: _Optional[_Union[Budget.Kind, str]] = ..., value: _Optional[float] = ..., milliseconds: _Optional[float] = ..., latency_table: _Optional[_Union[LatencyTable, _Mapping]] = ...) -> None: ...
+    memory_bytes: float
+    def __init__(self, kind: _Optional[_Union[Budget.Kind, str]] = ..., value: _Optional[float] = ..., milliseconds: _Optional[float] = ..., latency_table: _Optional[_Union[LatencyTable, _Mapping]] = ..., memory_bytes: _Optional[float] = ...) -> None: ...
 
 class LatencyLayer(_message.Message):
     __slots__ = ("name", "cin", "cout", "us")
