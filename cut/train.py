@@ -126,18 +126,25 @@ def _distill_loss(spec, student_out: torch.Tensor, teacher_out: torch.Tensor) ->
 
 
 def finetune(student: nn.Module, teacher: nn.Module | None, loader: DataLoader, steps: int, lr: float = 1e-3,
-             distill_weight: float = 0.5, feature_weight: float = 0.0, progress: bool = True) -> None:
+             distill_weight: float = 0.5, feature_weight: float = 0.0, progress: bool = True,
+             freeze_bn_stats: bool = False) -> None:
     """Recover a compact model with K steps of task losses plus distillation from the dense teacher.
 
     The loss is (1 - distill_weight) * task losses + distill_weight * output distillation; with
     `feature_weight` > 0 and equal backbone output shapes, the backbone features are matched too (L2).
-    K = 0 does nothing.
+    `freeze_bn_stats` keeps BatchNorm layers in eval mode (their running statistics untouched, their affine
+    parameters still trained): what a device with a few dozen non-IID samples needs, since batches of 16
+    from it would overwrite statistics estimated on hundreds of samples. K = 0 does nothing.
     """
     if steps <= 0:
         return
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     student.train()
+    if freeze_bn_stats:
+        for module in student.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.eval()
     if teacher is not None:
         teacher.eval()
     batches = _cycle(loader)

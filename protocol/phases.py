@@ -170,7 +170,7 @@ class Adoption(PhaseConfig):
     bn_batches: int = 4
     bn_batch_size: int = 16
     adapt_steps: int = 0  # 0 = no on-device adaptation
-    adapt_lr: float = 1e-3
+    adapt_lr: float = 3e-5  # measured: 1e-3 harms a recovered model (client/adapt.py)
     adapt_batch_size: int = 16
 
     def check(self, where: str) -> None:
