@@ -450,7 +450,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(results: dict, meta: dict) -> str:
-    base = next(r for r in results.values() if r["label"] == "no noise")["delta_m"]["mean"]
+    """Markdown rows; "vs no noise" compares with the no-noise row of the same kind (one-shot or after the
+    server's recovery), '-' when that row was not run."""
+    reference = {("recovered" if r["mode"] == "recovered" else "one-shot"): r["delta_m"]["mean"]
+                 for r in results.values() if r["label"] in ("no noise", "no noise, after recovery")}
     groups: dict[tuple, list[dict]] = {}
     for r in results.values():
         groups.setdefault((r["label"], r["epsilon"]), []).append(r)
@@ -468,9 +471,12 @@ def table(results: dict, meta: dict) -> str:
         m = float(np.mean(means))
         sd = f" ± {np.std(means, ddof=1):.2f}" if len(means) > 1 else ""
         cells = [f"{np.mean([r['delta_m'][b] for r in rows]):+.2f}" for b in budgets]
-        change = np.mean([np.mean(list(r["kept_change"].values())) for r in rows])
+        changes = [np.mean(list(r["kept_change"].values())) for r in rows if r["kept_change"]]
+        change = f"{100 * np.mean(changes):.1f}%" if changes else "-"
+        base = reference.get("recovered" if rows[0]["mode"] == "recovered" else "one-shot")
+        versus = "-" if base is None else f"{m - base:+.2f}"
         lines.append(f"| {label} | {'-' if eps is None else f'{eps:g}'} | {rows[0]['z']:.3g} | {len(rows)} | "
-                     f"{m:+.2f}{sd} | {m - base:+.2f} | " + " | ".join(cells) + f" | {100 * change:.1f}% |")
+                     f"{m:+.2f}{sd} | {versus} | " + " | ".join(cells) + f" | {change} |")
     return "\n".join(lines)
 
 
