@@ -228,7 +228,8 @@ class Timeouts(Section):
 class FleetClass(Section):
     name: str
     budget: float = Field(gt=0, le=1)
-    budget_kind: Literal["params", "macs", "memory"] = "params"  # latency: per device (it measures a table)
+    # latency: a fraction of the device's own dense time, on its own latency table (measured at the profile query)
+    budget_kind: Literal["params", "macs", "memory", "latency"] = "params"
     weight: float = Field(1.0, ge=0)
 
 

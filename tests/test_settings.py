@@ -249,3 +249,17 @@ def test_print_schema_is_json_listing_every_section(capsys):
     scoring = defs[schema["properties"]["scoring"]["$ref"].rsplit("/", 1)[-1]]["properties"]
     assert scoring["trim_fraction"]["default"] == 0.1 and scoring["trim_fraction"]["exclusiveMaximum"] == 0.5
     assert "description" in scoring["clip_norm"]
+
+
+def test_a_fleet_class_may_declare_a_latency_or_memory_budget(tmp_path):
+    """Classes of latency devices (each measures its own table) and memory devices, beside params ones."""
+    from simulations.fleet import assign
+    from simulations.scenario import load_scenario
+
+    text = ('[[fleet.classes]]\nname = "phone"\nbudget = 0.5\nbudget_kind = "latency"\n'
+            '[[fleet.classes]]\nname = "board"\nbudget = 0.4\nbudget_kind = "memory"\n')
+    scenario = load_scenario(str(write(tmp_path, text)), out_dir=tmp_path / "out", devices=8)
+    kinds = {assign(scenario.fleet, pid, 8).budget.kind for pid in range(8)}
+    assert kinds == {"latency", "memory"}
+    with pytest.raises(Exception, match="budget_kind"):
+        read_scenario(write(tmp_path, '[[fleet.classes]]\nname = "x"\nbudget = 0.5\nbudget_kind = "ms"\n'))
