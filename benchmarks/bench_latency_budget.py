@@ -101,7 +101,7 @@ def main() -> int:
     dense = base.decompose(tasks).eval()
     table = table_for(dense, card["weights_sha256"], threads=args.threads, refresh=not args.cached_table)
     print(f"latency table: round_to {table.round_to}, dense {table.dense_ms:.3f} ms, measured in {table.seconds} s "
-          f"(cached: an earlier measurement)", file=sys.stderr)
+          f"({'read from the cache if there was one' if args.cached_table else 'now'})", file=sys.stderr)
     analysis = analyse(dense)
     cost = latency_cost(analysis, table)
     per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
