@@ -29,9 +29,7 @@ from client.adapt import split_for_adaptation  # noqa: E402
 from client.data import local_data  # noqa: E402
 from cut.checkpoint import load_model  # noqa: E402
 from cut.train import evaluate, finetune, make_loader, multitask_delta  # noqa: E402
-from server.planning import BaseModel  # noqa: E402
-from simulations.fleet import assign  # noqa: E402
-from simulations.scenario import load_scenario, resolve  # noqa: E402
+from simulations.oracle import completed_devices, finished_run  # noqa: E402
 
 
 def main() -> int:
@@ -44,15 +42,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    report = json.loads((args.run / "report.json").read_text())
-    summary = report["summary"]
-    scenario = load_scenario(args.scenario, out_dir=args.run, base_model_dir=summary["base_model"]["dir"],
-                             devices=summary["devices_expected"])
-    base = BaseModel.load(scenario.settings.base_model_dir)
-    scenario = resolve(scenario, base.card)
-    n = scenario.settings.devices
-    ok = {e["device_id"]: e for e in report["devices"] if e["status"] == "ok"}
-    devices = [d for d in (assign(scenario.fleet, pid, n) for pid in range(n)) if d.device_id in ok]
+    scenario, base, report = finished_run(args.run, args.scenario)
+    _, devices = completed_devices(scenario, report)
     devices = devices[:args.devices] if args.devices > 0 else devices
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     results = {}

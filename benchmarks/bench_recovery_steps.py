@@ -25,12 +25,10 @@ import torch  # noqa: E402
 
 from cut.budget import BudgetOptions  # noqa: E402
 from cut.plan import PruningPlan  # noqa: E402
-from server.planning import BaseModel, PlanBook  # noqa: E402
+from server.planning import PlanBook  # noqa: E402
 from server.recovery import recover_plans  # noqa: E402
 from server.report import t95  # noqa: E402
-from simulations.fleet import assign  # noqa: E402
-from simulations.oracle import device_deltas  # noqa: E402
-from simulations.scenario import load_scenario, resolve  # noqa: E402
+from simulations.oracle import completed_devices, device_deltas, finished_run  # noqa: E402
 
 
 def main() -> int:
@@ -41,16 +39,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    report = json.loads((args.run / "report.json").read_text())
-    summary = report["summary"]
-    scenario = load_scenario(args.scenario, out_dir=args.run, base_model_dir=summary["base_model"]["dir"],
-                             devices=summary["devices_expected"])
-    base = BaseModel.load(scenario.settings.base_model_dir)
-    scenario = resolve(scenario, base.card)
+    scenario, base, report = finished_run(args.run, args.scenario)
     settings = scenario.settings
-    ok = {e["device_id"]: e for e in report["devices"] if e["status"] == "ok"}
-    n = settings.devices
-    devices = [d for d in (assign(scenario.fleet, pid, n) for pid in range(n)) if d.device_id in ok]
+    ok, devices = completed_devices(scenario, report)
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         p = settings.planning

@@ -82,6 +82,19 @@ def normalisation_for(dataset: str | None, dataset_kwargs: dict[str, Any] | None
     return {"dataset": dataset, **norm, "formula": _FORMULA}
 
 
+def checked_output(path: str | Path, suffix: str, batch: int, dataset: str | None) -> Path:
+    """The output path of an export, its folder made, after checking what every exporter needs."""
+    if dataset is not None and dataset not in NORMALISATION:
+        raise ValueError(f"no pixel normalisation known for dataset {dataset!r}; known: {', '.join(NORMALISATION)}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{path}: the output file name must end in {suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def export_onnx(
     model: MultiTaskModel,
     path: str | Path,
@@ -95,16 +108,9 @@ def export_onnx(
 
     `card` (a model card, see cut.checkpoint) supplies the dataset and provenance; `dataset` overrides it.
     """
-    if dataset is not None and dataset not in NORMALISATION:
-        raise ValueError(f"no pixel normalisation known for dataset {dataset!r}; known: {', '.join(NORMALISATION)}")
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: use {MIN_OPSET} or newer")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"{path}: the output file name must end in .onnx")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = checked_output(path, ".onnx", batch, dataset)
     cfg = model.config
     names = list(model.task_names)
     wrapper = _TupleOutputs(copy.deepcopy(model)).eval()
@@ -256,6 +262,7 @@ __all__ = [
     "PARITY_TOLERANCE",
     "SIDECAR_FORMAT",
     "check_onnx",
+    "checked_output",
     "check_parity",
     "export_onnx",
     "file_sha256",

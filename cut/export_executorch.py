@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cut.export import INPUT_NAME, NORMALISATION, PARITY_TOLERANCE, _sidecar, _TupleOutputs, normalisation_for
-from cut.infer import file_sha256, sidecar_path, time_runs
+from cut.export import (
+    INPUT_NAME,
+    PARITY_TOLERANCE,
+    _sidecar,
+    _TupleOutputs,
+    checked_output,
+    normalisation_for,
+)
+from cut.infer import check_latency_args, file_sha256, latency_summary, sidecar_path, time_runs
 from cut.models import MultiTaskModel
 
 SIDECAR_FORMAT = "cut-fl-executorch/1"
@@ -71,17 +77,10 @@ def export_executorch(
     Returns the sidecar dict. `card` (a model card, see cut.checkpoint) supplies the dataset and provenance;
     `dataset` overrides it. The caller's model is not touched (an eval-mode deep copy is exported).
     """
-    if dataset is not None and dataset not in NORMALISATION:
-        raise ValueError(f"no pixel normalisation known for dataset {dataset!r}; known: {', '.join(NORMALISATION)}")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    path = Path(path)
-    if path.suffix != ".pte":
-        raise ValueError(f"{path}: the output file name must end in .pte")
+    path = checked_output(path, ".pte", batch, dataset)
     exir = _require_executorch("executorch.exir")
     xnnpack = _require_executorch("executorch.backends.xnnpack.partition.xnnpack_partitioner")
     backend_debug = _require_executorch("executorch.devtools.backend_debug")
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     wrapper = _TupleOutputs(copy.deepcopy(model)).eval()
     example = torch.zeros(batch, cfg.in_channels, *cfg.input_size)
@@ -198,28 +197,14 @@ def measure_latency(pte_path: str | Path, runs: int = 50, warmup: int = 10, thre
     The same loop as cut.infer.measure_latency (`time_runs`: `warmup` untimed calls, then `runs` timed
     ones), on a seeded N(0,1) input of the shape the sidecar records; one pool thread by default.
     """
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
+    check_latency_args(runs, warmup, threads)
     sidecar = json.loads(sidecar_path(pte_path).read_text())
     spec = sidecar["input"]
     shape = [int(spec["batch"]), spec["channels"], spec["height"], spec["width"]]
     method = load_method(pte_path, threads)
     feed = {INPUT_NAME: torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))}
-    times = time_runs(_MethodSession(method), feed, runs, warmup)
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
-    return {
-        "median_ms": statistics.median(times),
-        "iqr_ms": q3 - q1,
-        "p25_ms": q1,
-        "p75_ms": q3,
-        "min_ms": min(times),
-        "runs": runs,
-        "warmup": warmup,
-        "threads": threads,
-        "pool_threads": thread_count(),
-        "input_shape": shape,
-        "times_ms": times,
-    }
+    summary = latency_summary(time_runs(_MethodSession(method), feed, runs, warmup), warmup, threads, shape)
+    return summary | {"pool_threads": thread_count()}
 
 
 __all__ = [

@@ -222,14 +222,23 @@ def measure_latency(onnx_path: str | Path, runs: int = 50, warmup: int = 10, thr
 
     One intra-op thread by default: closest to a small device core and least disturbed by a busy host.
     """
-    if runs < 1 or warmup < 0 or threads < 1:
-        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
+    check_latency_args(runs, warmup, threads)
     session = cpu_session(onnx_path, threads)
     spec = session.get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in spec.shape]
     shape[0] = 1
     feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-    times = time_runs(session, feed, runs, warmup)
+    return latency_summary(time_runs(session, feed, runs, warmup), warmup, threads, shape)
+
+
+def check_latency_args(runs: int, warmup: int, threads: int) -> None:
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"latency needs runs >= 1, warmup >= 0, threads >= 1 (got {runs}, {warmup}, {threads})")
+
+
+def latency_summary(times: list[float], warmup: int, threads: int, shape: list[int]) -> dict[str, Any]:
+    """Median, IQR and min of timed runs (ms), with how they were taken; every runtime reports this shape."""
+    runs = len(times)
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if runs > 1 else (times[0],) * 3
     return {
         "median_ms": statistics.median(times),
@@ -350,6 +359,7 @@ __all__ = [
     "colour_depth",
     "colour_normals",
     "colour_segmentation",
+    "check_latency_args",
     "cpu_session",
     "depth_lut",
     "file_sha256",
@@ -359,6 +369,7 @@ __all__ = [
     "palette",
     "write_legend",
     "preprocess",
+    "latency_summary",
     "resolve_onnx",
     "run_inference",
     "sidecar_path",

@@ -51,22 +51,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     sidecar = export_onnx(model, out, opset=args.opset, dynamic_batch=not args.fixed_batch, card=card,
                           dataset=args.dataset)
     diff = check_parity(model, out, n=args.parity_samples, tol=args.tolerance)
-    summary = {
-        "onnx": str(out),
-        "sidecar": str(sidecar_path(out)),
-        "exporter": sidecar["exporter"],
-        "opset": args.opset,
-        "bytes": sidecar["onnx_bytes"],
+    latency = (measure_latency(out, runs=args.latency_runs, warmup=args.warmup, threads=args.threads)
+               if args.latency_runs else None)
+    return _print_export({"onnx": str(out), "sidecar": str(sidecar_path(out)), "exporter": sidecar["exporter"],
+                          "opset": args.opset, "bytes": sidecar["onnx_bytes"]}, sidecar, diff, args.tolerance, latency)
+
+
+def _print_export(head: dict, sidecar: dict, diff: float, tolerance: float, latency: dict | None) -> int:
+    """The JSON summary every export format prints: its own fields, then the model, parity and latency."""
+    summary = head | {
         "tasks": sidecar["outputs"],
         "params": sidecar["model"]["params"],
         "macs": sidecar["model"]["macs"],
         "parity_max_abs_diff": diff,
-        "parity_tolerance": args.tolerance,
+        "parity_tolerance": tolerance,
     }
     if sidecar["normalisation"] is None:
-        summary["warning"] = "no known dataset: the sidecar has no normalisation; pass --dataset for `cutfl infer`"
-    if args.latency_runs:
-        latency = measure_latency(out, runs=args.latency_runs, warmup=args.warmup, threads=args.threads)
+        summary["warning"] = ("no known dataset: the sidecar has no normalisation, so `cutfl infer` or an app cannot prepare "
+                              "images; pass --dataset")
+    if latency:
         summary["latency_ms"] = {k: round(latency[k], 4) for k in ("median_ms", "iqr_ms", "min_ms")}
         summary["latency_ms"].update(runs=latency["runs"], threads=latency["threads"], batch=1)
     print(json.dumps(summary, indent=2))
@@ -101,27 +104,10 @@ def _export_executorch(args: argparse.Namespace) -> int:
                    if args.latency_runs else None)
     except ExecutorchUnavailable as e:  # installed, but a part of it (its prebuilt runtime) does not load
         raise CliError(str(e)) from None
-    summary = {
-        "pte": str(out),
-        "sidecar": str(sidecar_path(out)),
-        "exporter": sidecar["exporter"],
-        "backend": sidecar["backend"],
-        "delegation": sidecar["delegation"],
-        "executorch_version": sidecar["executorch_version"],
-        "bytes": sidecar["pte_bytes"],
-        "tasks": sidecar["outputs"],
-        "params": sidecar["model"]["params"],
-        "macs": sidecar["model"]["macs"],
-        "parity_max_abs_diff": diff,
-        "parity_tolerance": args.tolerance,
-    }
-    if sidecar["normalisation"] is None:
-        summary["warning"] = "no known dataset: the sidecar has no normalisation; pass --dataset"
-    if latency:
-        summary["latency_ms"] = {k: round(latency[k], 4) for k in ("median_ms", "iqr_ms", "min_ms")}
-        summary["latency_ms"].update(runs=latency["runs"], threads=latency["threads"], batch=1)
-    print(json.dumps(summary, indent=2))
-    return 0
+    head = {"pte": str(out), "sidecar": str(sidecar_path(out)), "exporter": sidecar["exporter"],
+            "backend": sidecar["backend"], "delegation": sidecar["delegation"],
+            "executorch_version": sidecar["executorch_version"], "bytes": sidecar["pte_bytes"]}
+    return _print_export(head, sidecar, diff, args.tolerance, latency)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

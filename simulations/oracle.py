@@ -13,8 +13,10 @@ Only a simulation can run it: it reads every device's data.
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from cut.train import evaluate, make_loader, multitask_delta
 from server.planning import BaseModel, PlanBook
 from server.recovery import recover_plans
 from simulations.fleet import assign
-from simulations.scenario import Scenario
+from simulations.scenario import Scenario, load_scenario, resolve
 
 
 def pooled_scores(base: BaseModel, devices: list, scenario: Scenario) -> dict:
@@ -69,13 +71,28 @@ def device_deltas(base: BaseModel, book: PlanBook, plans: dict[str, str], device
     return out
 
 
+def completed_devices(scenario: Scenario, report: dict[str, Any]) -> tuple[dict[str, dict], list]:
+    """({device id: report entry}, [Device]) of the devices whose run completed, in partition order."""
+    ok = {e["device_id"]: e for e in report["devices"] if e["status"] == "ok"}
+    n = scenario.settings.devices
+    return ok, [d for d in (assign(scenario.fleet, pid, n) for pid in range(n)) if d.device_id in ok]
+
+
+def finished_run(run_dir: Path, scenario_name: str = "default") -> tuple[Scenario, BaseModel, dict[str, Any]]:
+    """A finished `cutfl simulate` run directory, reopened: (its resolved scenario, base model, report)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    summary = report["summary"]
+    scenario = load_scenario(scenario_name, out_dir=run_dir, base_model_dir=summary["base_model"]["dir"],
+                             devices=summary["devices_expected"])
+    base = BaseModel.load(scenario.settings.base_model_dir)
+    return resolve(scenario, base.card), base, report
+
+
 def run_oracle(scenario: Scenario, report: dict[str, Any]) -> dict[str, Any]:
     """Per device of the federation's report that completed: the oracle's delta_m and the federation's gap."""
     settings = scenario.settings
     base = BaseModel.load(settings.base_model_dir)
-    ok = {e["device_id"]: e for e in report["devices"] if e["status"] == "ok"}
-    n = settings.devices
-    devices = [d for d in (assign(scenario.fleet, pid, n) for pid in range(n)) if d.device_id in ok]
+    ok, devices = completed_devices(scenario, report)
     start = time.perf_counter()
     per_task = pooled_scores(base, devices, scenario)
     p = settings.planning
@@ -103,4 +120,4 @@ def run_oracle(scenario: Scenario, report: dict[str, Any]) -> dict[str, Any]:
             "same_plans": sum(o["same_plan"] for o in out)}
 
 
-__all__ = ["device_deltas", "pooled_scores", "run_oracle"]
+__all__ = ["completed_devices", "device_deltas", "finished_run", "pooled_scores", "run_oracle"]
