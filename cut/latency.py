@@ -7,10 +7,11 @@ reduction promised). So a device times its own runtime and the planner budgets a
 The table (`LatencyTable`), measured in a few seconds and cached per (base model sha256, tasks, input
 size, runtime, threads):
 
-- per Conv2d / Linear layer of the decomposed model, the time of that layer exported alone (one ONNX
-  node with its input shape; BatchNorm is folded into the conv by the runtime, ReLU fused) at a grid of
-  kept input x output channels, less the runtime's per-call cost (`call_overhead_us`, paid once by the
-  whole model, not per layer); a layer's count follows the group controlling it, or is fixed;
+- per Conv2d / Linear layer of the decomposed model, the time of that layer exported alone (a probe
+  graph of a few copies of its node side by side, with its input shape; BatchNorm is folded into the conv
+  by the runtime, ReLU fused) at a grid of kept input x output channels, less the runtime's per-call cost
+  (`call_overhead_us`, paid once by the whole model, not per layer), timed in interleaved sweeps
+  (`layer_times`); a layer's count follows the group controlling it, or is fixed;
 - `round_to`: the channel multiple this runtime runs fastest, measured on a probe conv (for each
   multiple m, is rounding a count up to m free?) rather than assumed;
 - a calibration from whole-model probes (the dense decomposed model and uniformly thinned ones, timed
@@ -54,6 +55,8 @@ ROUND_CANDIDATES = (1, 2, 4, 8, 16, 32)
 ROUND_TOLERANCE = 0.03  # rounding up to a multiple is "free" if it costs at most this much time (median)
 LAYER_RUNS = 15
 LAYER_WARMUP = 3
+PROBE_COPIES = 4  # copies of a layer in its probe graph
+SWEEPS = 3  # interleaved timing sweeps over every probe
 WHOLE_WARMUP = 5
 PROBE_FRACTIONS = (1.0, 0.75, 0.5, 0.3, 0.15)  # whole-model probes for the calibration: dense and two thinned
 
@@ -324,39 +327,59 @@ class LayerSpec:
         return (self.kind, self.kernel, self.stride, self.padding, self.dilation, self.in_hw, self.bias)
 
 
-def _probe_onnx(spec: LayerSpec, cin: int, cout: int) -> tuple[bytes, dict]:
-    """A one-node ONNX model of `spec` at (cin, cout) channels and a random input feed for it."""
+def _probe_onnx(spec: LayerSpec, cin: int, cout: int, copies: int = 1) -> tuple[bytes, dict]:
+    """An ONNX model running `copies` of `spec` at (cin, cout) channels side by side on one input (each its
+    own output), and a random input feed for it."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits, attrs = [], {}
-    if spec.kind == "linear":
-        shape = [1, *spec.in_hw, cin]
-        inits.append(numpy_helper.from_array(rng.standard_normal((cin, cout)).astype(np.float32) * 0.1, "W"))
-        inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "B"))
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["y"])]
-    else:
-        groups = cout if spec.kind == "depthwise" else 1
-        cin = cout if spec.kind == "depthwise" else cin
-        shape = [1, cin, *spec.in_hw]
-        w = rng.standard_normal((cout, cin // groups, *spec.kernel)).astype(np.float32) * 0.1
-        inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+    inits, attrs, nodes = [], {}, []
+    groups = cout if spec.kind == "depthwise" else 1
+    cin = cout if spec.kind == "depthwise" else cin
+    shape = [1, *spec.in_hw, cin] if spec.kind == "linear" else [1, cin, *spec.in_hw]
+    if spec.kind != "linear":
         attrs = dict(kernel_shape=list(spec.kernel), strides=list(spec.stride), dilations=list(spec.dilation),
                      pads=[spec.padding[0], spec.padding[1], spec.padding[0], spec.padding[1]], group=groups)
-        # BatchNorm folds into the conv's bias and ReLU fuses into it when the whole model runs.
-        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], **attrs), helper.make_node("Relu", ["c"], ["y"])]
+    for i in range(copies):
+        # Each copy its own weights: copies sharing them are one computation to the runtime's common
+        # subexpression elimination (which then ran 4 copies in the time of 1).
+        if spec.kind == "linear":
+            w = rng.standard_normal((cin, cout)).astype(np.float32) * 0.1
+            nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"m{i}"]),
+                      helper.make_node("Add", [f"m{i}", f"B{i}"], [f"y{i}"])]
+        else:
+            w = rng.standard_normal((cout, cin // groups, *spec.kernel)).astype(np.float32) * 0.1
+            # BatchNorm folds into the conv's bias and ReLU fuses into it when the whole model runs.
+            nodes += [helper.make_node("Conv", ["x", f"W{i}", f"B{i}"], [f"c{i}"], **attrs),
+                      helper.make_node("Relu", [f"c{i}"], [f"y{i}"])]
+        inits += [numpy_helper.from_array(w, f"W{i}"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"B{i}")]
     graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(copies)],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString(), {"x": rng.standard_normal(shape).astype(np.float32)}
 
 
-def time_layer(spec: LayerSpec, cin: int, cout: int, threads: int = 1, runs: int = LAYER_RUNS,
-               warmup: int = LAYER_WARMUP) -> float:
-    """Median microseconds of `spec` alone at (cin, cout) channels on this machine's onnxruntime."""
-    data, feed = _probe_onnx(spec, cin, cout)
-    return _time_session(_session(data, threads), feed, runs, warmup)
+def layer_times(probes: Sequence[tuple[LayerSpec, int, int]], threads: int = 1, sweeps: int = SWEEPS,
+                runs: int = LAYER_RUNS, warmup: int = LAYER_WARMUP, copies: int = PROBE_COPIES) -> list[float]:
+    """Microseconds of one run of each (spec, cin, cout) alone on this machine's onnxruntime, less the
+    runtime's per-call cost (`call_overhead_us`, which the whole model pays once).
+
+    Each probe runs `copies` of the layer side by side (the per-call cost and its jitter, larger than a
+    small layer's own time, are shared by the copies), and every probe is timed in `sweeps` interleaved
+    sweeps, keeping its fastest median: timed once each, one after the other, a few seconds of drift
+    showed as a larger layer running faster than a smaller one.
+    """
+    null_us = call_overhead_us(threads)
+    sessions = [(_session(data, threads), feed) for data, feed in
+                (_probe_onnx(spec, cin, cout, copies) for spec, cin, cout in probes)]
+    best = [math.inf] * len(sessions)
+    for _ in range(sweeps):
+        for i, (session, feed) in enumerate(sessions):
+            best[i] = min(best[i], _time_session(session, feed, runs, warmup))
+    return [max((b - null_us) / copies, 0.01) for b in best]
 
 
 def call_overhead_us(threads: int = 1, runs: int = 60) -> float:
@@ -399,7 +422,8 @@ def layer_specs(model) -> list[LayerSpec]:
     return specs
 
 
-def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8) -> tuple[int, dict[str, list[float]]]:
+def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8, sweeps: int = 3
+                     ) -> tuple[int, dict[str, list[float]]]:
     """The channel multiple this runtime runs fastest, and the timings (us) it was chosen from.
 
     A 3x3 conv with `width` channels on the other side is timed at every input and at every output
@@ -407,14 +431,15 @@ def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8) -> tuple[in
     ROUND_TOLERANCE / 6) as fast on either axis: its extra channels would come for free. Each multiple m
     is scored by the fraction of its multiples in the range that are not wasteful; the smallest m
     within 0.1 of the best score wins (a finer multiple gives the planner more choices).
+
+    Counts are timed by `layer_times` (interleaved sweeps): timed twice each, one after the other, a few
+    seconds of drift made 56 channels look faster than 48 and the same machine chose 32 one run, 16 the next.
     """
     spec = LayerSpec("probe", "conv", width, width, (3, 3), (1, 1), (1, 1), (1, 1), (hw, hw))
     counts = list(range(width // 4 + 1, width + 1))
-
-    def timed(cin: int, cout: int) -> float:
-        return min(time_layer(spec, cin, cout, threads, runs=8, warmup=2) for _ in range(2))
-
-    timings = {"cout": [timed(width, c) for c in counts], "cin": [timed(c, width) for c in counts]}
+    probes = [(spec, width, c) for c in counts] + [(spec, c, width) for c in counts]
+    times = layer_times(probes, threads, sweeps, runs=6, warmup=2)
+    timings = {"cout": times[:len(counts)], "cin": times[len(counts):]}
     tol = 1 + ROUND_TOLERANCE / 6
     wasteful = set()
     for axis in ("cout", "cin"):
@@ -502,23 +527,17 @@ def measure_table(model, base_model_sha256: str = "", threads: int = 1, round_to
     names = [g.name for g in analysis.groups]
     if round_to is None:
         round_to, _ = measure_round_to(threads)
-    null_us = call_overhead_us(threads)
-    measured: dict[tuple, float] = {}
-    layers = []
+    grids = []
     for spec in layer_specs(model):
         gi, go = groups.get(spec.name, (-1, -1))
         cins = grid_counts(sizes[names[gi]], round_to) if gi >= 0 and spec.kind != "depthwise" else (spec.cin,)
         couts = grid_counts(sizes[names[go]], round_to) if go >= 0 else (spec.cout,)
-        rows = []
-        for ci in cins:
-            row = []
-            for co in couts:
-                key = (*spec.key(), ci, co)
-                if key not in measured:
-                    measured[key] = max(time_layer(spec, ci, co, threads) - null_us, 0.01)
-                row.append(round(measured[key], 3))
-            rows.append(tuple(row))
-        layers.append(LayerTiming(spec.name, tuple(int(c) for c in cins), tuple(int(c) for c in couts), tuple(rows)))
+        grids.append((spec, cins, couts))
+    probes = {(*spec.key(), ci, co): (spec, ci, co) for spec, cins, couts in grids for ci in cins for co in couts}
+    measured = dict(zip(probes, layer_times(list(probes.values()), threads), strict=True))
+    layers = [LayerTiming(spec.name, tuple(int(c) for c in cins), tuple(int(c) for c in couts),
+                          tuple(tuple(round(measured[(*spec.key(), ci, co)], 3) for co in couts) for ci in cins))
+              for spec, cins, couts in grids]
     if progress:
         print(f"latency table: {len(measured)} layer probes in {time.perf_counter() - start:.1f} s")
     partial = LatencyTable(base_model_sha256, tuple(model.task_names), tuple(model.config.input_size), runtime_name(),
@@ -556,9 +575,11 @@ def default_cache_dir() -> Path:
 
 def cache_key(model, base_model_sha256: str, threads: int) -> str:
     """Base model, tasks, input size, layer shapes, runtime and threads: what the table depends on."""
+    from cut.export import GRAPH_REVISION  # the whole-model probes are exported graphs: a new graph, a new table
+
     shapes = [(s.name, s.kind, s.cin, s.cout, s.key()) for s in layer_specs(model)]
     blob = json.dumps([base_model_sha256, list(model.task_names), list(model.config.input_size), runtime_name(),
-                       threads, repr(shapes)])
+                       threads, repr(shapes), GRAPH_REVISION])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -592,9 +613,9 @@ __all__ = [
     "latency_cost",
     "layer_groups",
     "layer_specs",
+    "layer_times",
     "measure_round_to",
     "measure_table",
     "no_saving_groups",
     "table_for",
-    "time_layer",
 ]

@@ -138,10 +138,11 @@ def test_bad_tables_are_rejected_with_the_reason(model, analysis, change, messag
 def test_round_to_is_the_multiple_whose_counts_run_fastest(monkeypatch, step):
     # A staircase runtime: time grows with the count rounded up to `step`, plus a penalty for input
     # counts that are not multiples of 4 (what onnxruntime's blocked kernels showed on this machine).
-    def fake(spec, cin, cout, threads, runs=0, warmup=0):
-        return 10.0 + (-(-cout // step)) * step + (-(-cin // step)) * step + (0 if cin % 4 == 0 else 40.0)
+    def fake(probes, threads, sweeps=1, runs=0, warmup=0):
+        return [10.0 + (-(-cout // step)) * step + (-(-cin // step)) * step + (0 if cin % 4 == 0 else 40.0)
+                for _, cin, cout in probes]
 
-    monkeypatch.setattr(L, "time_layer", fake)
+    monkeypatch.setattr(L, "layer_times", fake)
     chosen, timings = L.measure_round_to(1)
     assert chosen == step
     assert len(timings["cin"]) == len(timings["counts"])

@@ -103,16 +103,16 @@ class MultiTaskModel(nn.Module):
     def task_names(self) -> list[str]:
         return list(self.heads.keys())
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def head_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each head's output at the backbone's resolution (`forward` resizes the dense ones to the input's;
+        the ONNX export does that resize its own, faster way: cut.export.MatmulResize)."""
         features = self.backbone(x)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        out = {}
-        for name, head in self.heads.items():
-            y = head(features)
-            if y.dim() == 4:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            out[name] = y
-        return out
+        return {name: F.interpolate(y, size=size, mode="bilinear", align_corners=False) if y.dim() == 4 else y
+                for name, y in self.head_outputs(x).items()}
 
     def decompose(self, tasks: list[str]) -> MultiTaskModel:
         """An independent copy holding the backbone and only the heads of `tasks` (CUT step 1)."""
