@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_latency_budget.py [--model runs/pretrained-scenes]
         [--tasks seg,depth] [--budgets 0.3,0.4,0.5,0.6,0.7,0.8] [--recovery-steps 100] [--cached-table]
+        [--input-size 128]
 
 One run, side by side. The decomposed model's latency table is measured (or read from the cache) with
 onnxruntime on --threads threads (default 1), batch 1. For each budget f (a fraction of the dense model's
@@ -68,6 +69,8 @@ def main() -> int:
     p.add_argument("--train-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--input-size", type=int, default=None,
+                   help="run the model (and its data) at this square size instead of the size it was trained at")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
     p.add_argument("--runs", type=int, default=10, help="timed runs per model per round")
     p.add_argument("--cached-table", action="store_true",
@@ -94,6 +97,13 @@ def main() -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     kwargs = {k: v for k, v in card.get("dataset_kwargs", {}).items() if k != "num_samples"}
     test_kwargs = {k: v for k, v in card.get("test_kwargs", {}).items() if k != "num_samples"}
+    if args.input_size:  # the models are fully convolutional: the same weights run at another size
+        from dataclasses import replace
+
+        if "size" not in kwargs:
+            raise SystemExit(f"--input-size: dataset {card['dataset']!r} takes no size")
+        base.config = replace(base.config, input_size=(args.input_size, args.input_size))
+        kwargs["size"] = test_kwargs["size"] = args.input_size
     train = Samples.from_dataset(get_dataset(card["dataset"], "train", num_samples=args.train_samples, **kwargs))
     test = Samples.from_dataset(get_dataset(card["dataset"], "test", num_samples=args.test_samples, **test_kwargs))
     recovery = RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size)
@@ -168,7 +178,7 @@ def main() -> int:
     summary = {
         "date": date.today().isoformat(), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_1min": os.getloadavg()[0], "model": str(args.model), "weights": card["weights_sha256"][:12],
-        "tasks": tasks, "threads": args.threads, "recovery": recovery.budget(),
+        "tasks": tasks, "input_size": list(base.config.input_size), "threads": args.threads, "recovery": recovery.budget(),
         "timing": f"{args.rounds} interleaved rounds x {args.runs} runs per model, batch 1, median",
         "table": {"round_to": table.round_to, "dense_ms": table.dense_ms, "seconds": table.seconds,
                   "runtime": table.runtime, "calibration": table.calibration},
@@ -181,7 +191,8 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    lines = [f"dense {dense_ms:.3f} ms (table: {table.dense_ms:.3f} ms, round_to {table.round_to}), "
+    lines = [f"input {base.config.input_size[0]}x{base.config.input_size[1]}, "
+             f"dense {dense_ms:.3f} ms (table: {table.dense_ms:.3f} ms, round_to {table.round_to}), "
              f"recovery {recovery.budget()}, parity <= {max(parity):.1e}", "",
              "| asked | planner | plan | measured ms | measured / dense | error | MACs ratio | speed-up / MAC red. "
              "| delta_m before | delta_m after |", "|---|---|---|---|---|---|---|---|---|---|"]
