@@ -7,7 +7,7 @@
 One run, side by side. The decomposed model's latency table is measured (or read from the cache) with
 onnxruntime on --threads threads (default 1), batch 1. For each budget f (a fraction of the dense model's
 measured time) `cut.pipeline.prune` (method cut, the same scoring / recovery data and recovery budget
-for every model, seed 0) builds:
+for every model, --seed, default 0) builds:
 
 - `latency`: the plan against the table (`--budget latency=f`);
 - `macs`: the MAC-budget plan whose *predicted* latency is the same (the largest MAC fraction whose plan
@@ -69,6 +69,7 @@ def main() -> int:
     p.add_argument("--train-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="scoring / recovery data and recovery seed")
     p.add_argument("--input-size", type=int, default=None,
                    help="run the model (and its data) at this square size instead of the size it was trained at")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
@@ -107,7 +108,7 @@ def main() -> int:
     train = Samples.from_dataset(get_dataset(card["dataset"], "train", num_samples=args.train_samples, **kwargs))
     test = Samples.from_dataset(get_dataset(card["dataset"], "test", num_samples=args.test_samples, **test_kwargs))
     recovery = RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size)
-    data = seed_data(train, 0, 32, 4, recovery)
+    data = seed_data(train, args.seed, 32, 4, recovery)
     test_batches = test.batches(64)
     dense = base.decompose(tasks).eval()
     table = table_for(dense, card["weights_sha256"], threads=args.threads, refresh=not args.cached_table)
@@ -115,7 +116,7 @@ def main() -> int:
           f"({'read from the cache if there was one' if args.cached_table else 'now'})", file=sys.stderr)
     analysis = analyse(dense)
     cost = latency_cost(analysis, table)
-    per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
+    per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), args.seed)
 
     # Pass 1, right after the table: plan every model, export and time it (architecture only: recovery does
     # not change it), so that the table and the timing see the same machine load.
@@ -156,7 +157,7 @@ def main() -> int:
         t0 = time.perf_counter()
         options = BudgetOptions(latency=table) if row["kind"] == "latency" else None
         _, plan, report = prune(
-            base, tasks, row["kind"], row["value"], method="cut", test_loader=test_batches, seed=0,
+            base, tasks, row["kind"], row["value"], method="cut", test_loader=test_batches, seed=args.seed,
             base_sha256=card["weights_sha256"], recovery=recovery, scoring_batches=data.scoring,
             recovery_batches=data.recovery, progress=False, options=options, dense_metrics=dense_metrics)
         if plan.keep != row.pop("keep"):
@@ -178,7 +179,7 @@ def main() -> int:
     summary = {
         "date": date.today().isoformat(), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_1min": os.getloadavg()[0], "model": str(args.model), "weights": card["weights_sha256"][:12],
-        "tasks": tasks, "input_size": list(base.config.input_size), "threads": args.threads, "recovery": recovery.budget(),
+        "tasks": tasks, "seed": args.seed, "input_size": list(base.config.input_size), "threads": args.threads, "recovery": recovery.budget(),
         "timing": f"{args.rounds} interleaved rounds x {args.runs} runs per model, batch 1, median",
         "table": {"round_to": table.round_to, "dense_ms": table.dense_ms, "seconds": table.seconds,
                   "runtime": table.runtime, "calibration": table.calibration},
