@@ -57,6 +57,7 @@ LAYER_RUNS = 15
 LAYER_WARMUP = 3
 PROBE_COPIES = 4  # copies of a layer in its probe graph
 SWEEPS = 3  # interleaved timing sweeps over every probe
+PROBES_AT_ONCE = 128  # probe sessions alive at a time (each holds `PROBE_COPIES` copies of a layer's weights)
 WHOLE_WARMUP = 5
 PROBE_FRACTIONS = (1.0, 0.75, 0.5, 0.3, 0.15)  # whole-model probes for the calibration: dense and two thinned
 
@@ -373,13 +374,16 @@ def layer_times(probes: Sequence[tuple[LayerSpec, int, int]], threads: int = 1, 
     showed as a larger layer running faster than a smaller one.
     """
     null_us = call_overhead_us(threads)
-    sessions = [(_session(data, threads), feed) for data, feed in
-                (_probe_onnx(spec, cin, cout, copies) for spec, cin, cout in probes)]
-    best = [math.inf] * len(sessions)
-    for _ in range(sweeps):
-        for i, (session, feed) in enumerate(sessions):
-            best[i] = min(best[i], _time_session(session, feed, runs, warmup))
-    return [max((b - null_us) / copies, 0.01) for b in best]
+    out: list[float] = []
+    for start in range(0, len(probes), PROBES_AT_ONCE):  # bounds the memory a large model's probes hold
+        sessions = [(_session(data, threads), feed) for data, feed in
+                    (_probe_onnx(spec, cin, cout, copies) for spec, cin, cout in probes[start:start + PROBES_AT_ONCE])]
+        best = [math.inf] * len(sessions)
+        for _ in range(sweeps):
+            for i, (session, feed) in enumerate(sessions):
+                best[i] = min(best[i], _time_session(session, feed, runs, warmup))
+        out += [max((b - null_us) / copies, 0.01) for b in best]
+    return out
 
 
 def call_overhead_us(threads: int = 1, runs: int = 60) -> float:
