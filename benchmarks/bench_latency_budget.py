@@ -179,7 +179,8 @@ def main() -> int:
     summary = {
         "date": date.today().isoformat(), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_1min": os.getloadavg()[0], "model": str(args.model), "weights": card["weights_sha256"][:12],
-        "tasks": tasks, "seed": args.seed, "input_size": list(base.config.input_size), "threads": args.threads, "recovery": recovery.budget(),
+        "tasks": tasks, "seed": args.seed, "input_size": list(base.config.input_size), "threads": args.threads,
+        "recovery": recovery.budget(),
         "timing": f"{args.rounds} interleaved rounds x {args.runs} runs per model, batch 1, median",
         "table": {"round_to": table.round_to, "dense_ms": table.dense_ms, "seconds": table.seconds,
                   "runtime": table.runtime, "calibration": table.calibration},

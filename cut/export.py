@@ -13,9 +13,9 @@ The legacy exporter runs a forward pass in the module's *current* mode, so expor
 eval-mode deep copy: the caller's model (its mode and BatchNorm statistics) is never touched.
 
 Dense outputs are resized to the input size in the graph by two small constant matmuls (`MatmulResize`)
-rather than a Resize node: the same bilinear weights, and on onnxruntime's CPU provider (1 thread) 4.9x
-faster at 64x64 (14 vs 69 us for 8 classes), 3.9x at 256x256, 2.0x at 512x512. With the Shape arithmetic
-the traced `size=x.shape[-2:]` brought, that was 9% of the default seg+depth model's time (1.069 -> 0.977
+rather than a Resize node: the same bilinear weights, and on onnxruntime's CPU provider (1 thread) 4.7x
+faster at 64x64 (15 vs 70 us for 8 classes), 4.0x at 256x256, 1.9x at 512x512. With the Shape arithmetic
+the traced `size=x.shape[-2:]` brought, that was 9% of the default seg+depth model's time (1.106 -> 1.006
 ms), a fixed cost every compact model paid alike (benchmarks/bench_resize.py, BENCHMARKS.md).
 """
 

@@ -426,7 +426,7 @@ def layer_specs(model) -> list[LayerSpec]:
     return specs
 
 
-def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8, sweeps: int = 3
+def measure_round_to(threads: int = 1, width: int = 64, hw: int = 8, sweeps: int = SWEEPS
                      ) -> tuple[int, dict[str, list[float]]]:
     """The channel multiple this runtime runs fastest, and the timings (us) it was chosen from.
 
@@ -482,7 +482,7 @@ def _uniform_counts(analysis, fraction: float, round_to: int) -> dict[str, int]:
     return out
 
 
-def interleaved_ms(onnx_paths: Sequence[str | Path], threads: int = 1, rounds: int = 6, runs: int = 8,
+def interleaved_ms(onnx_paths: Sequence[str | Path | bytes], threads: int = 1, rounds: int = 6, runs: int = 8,
                    warmup: int = WHOLE_WARMUP) -> list[float]:
     """Median ms of one batch-1 run of each model, timed in interleaved rounds (a busy host's load drifts
     over seconds: interleaving spreads it over every model alike). rounds * runs >= 20 per model."""
