@@ -20,6 +20,12 @@ size, runtime, threads):
   in-graph vs alone difference are absorbed. A straight line (overhead + scale * sum) was tried first:
   on this machine its fitted overhead came out negative and it missed the 0.5 probe by 14%.
 
+Where the planning machine is the one that runs the model (`cutfl prune`), `check_plan` also times the plan
+whole beside the dense model before recovery and, while it measures off the asked fraction by more than
+`CHECK_TOLERANCE`, adds the measurement to the calibration and plans again (at most `MAX_CHECKS` plans): the
+uniform probes calibrate where uniform models land, and a plan that thins some groups far more than others can
+land elsewhere (on one host, plans at 0.5 measured 10-16% above the table's prediction).
+
 `LatencyCost` turns a table into a cost model like `cut.groups.CostModel`: cost("latency", kept)
 interpolates every layer's time bilinearly at its kept (in, out) counts, sums them and maps the sum
 through the calibration (in nanoseconds, so per-channel savings stay above the planner's floor of 1 unit). Costs are additive per
@@ -33,6 +39,7 @@ arrived over the wire needs only numpy. onnx / onnxruntime are imported lazily, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -49,6 +56,7 @@ import numpy as np
 
 TABLE_FORMAT = "cut-fl-latency/1"
 MAX_GRID = 6  # points per axis of a layer's grid
+MAX_CALIBRATION = 8  # calibration points: the whole-model probes and up to 3 measured plans (`check_plan`)
 MAX_LAYERS = 4096  # a table describes at most this many layers (wire bound, cut.messages)
 MIN_SAVING = 0.01  # a group saving less than this fraction of the dense time is not pruned for latency
 ROUND_CANDIDATES = (1, 2, 4, 8, 16, 32)
@@ -97,7 +105,7 @@ class LatencyTable:
     calibration: tuple[tuple[float, float], ...]  # (sum of layer times ms, measured whole-model ms), by sum
     dense_ms: float  # measured median of the dense decomposed model
     layers: tuple[LayerTiming, ...]
-    probes: tuple[float, ...] = ()  # uniform keep fraction of each calibration point (for the record)
+    probes: tuple[float, ...] = ()  # uniform keep fraction of each calibration point (-1: a measured plan)
     seconds: float = 0.0  # how long measuring took
     format: str = TABLE_FORMAT
 
@@ -121,8 +129,9 @@ class LatencyTable:
             raise ValueError(f"latency table threads {self.threads!r} must be 1..1024")
         if self.round_to not in ROUND_CANDIDATES:
             raise ValueError(f"latency table round_to {self.round_to!r} must be one of {ROUND_CANDIDATES}")
-        if not 1 <= len(self.calibration) <= MAX_GRID:
-            raise ValueError(f"latency table needs 1..{MAX_GRID} calibration points, got {len(self.calibration)}")
+        if not 1 <= len(self.calibration) <= MAX_CALIBRATION:
+            raise ValueError(f"latency table needs 1..{MAX_CALIBRATION} calibration points, got "
+                             f"{len(self.calibration)}")
         values = [v for point in self.calibration for v in point] + [self.dense_ms]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1e7 for v in values):
             raise ValueError("latency table calibration and dense_ms must be finite and in (0, 1e7) ms")
@@ -202,6 +211,10 @@ class LatencyCost:
         return getattr(self.base, name)
 
     def latency_ns(self, kept: np.ndarray) -> float:
+        return self.calibrate(self.layer_sum_ms(kept)) * 1e6
+
+    def layer_sum_ms(self, kept: np.ndarray) -> float:
+        """The sum of the table's layer times at `kept` channels (before the calibration), ms."""
         kept = np.asarray(kept, dtype=np.float64)
         total_us = 0.0
         for layer in self.layers:
@@ -212,7 +225,7 @@ class LatencyCost:
             u = layer.us
             total_us += ((1 - fi) * ((1 - fj) * u[i0, j0] + fj * u[i0, j1])
                          + fi * ((1 - fj) * u[i1, j0] + fj * u[i1, j1]))
-        return self.calibrate(total_us / 1e3) * 1e6
+        return total_us / 1e3
 
     def calibrate(self, sum_ms: float) -> float:
         """Whole-model ms for a sum of layer times: through the probes; beyond them, the nearest segment's
@@ -566,6 +579,80 @@ def measure_table(model, base_model_sha256: str = "", threads: int = 1, round_to
         probes=tuple(float(f) for _, _, f in points),
         seconds=round(time.perf_counter() - start, 3),
     )
+
+
+CHECK_TOLERANCE = 0.03  # `check_plan`: a plan measured within 3% of the asked fraction (or below it) is kept
+MAX_CHECKS = 3  # plans timed by `check_plan` at most (each adds its point to the calibration)
+
+
+def with_measured_point(table: LatencyTable, sum_ms: float, measured_ms: float) -> LatencyTable:
+    """`table` with (layer-time sum, measured whole-model ms) of a timed plan among its calibration points.
+
+    The uniform probes calibrate the table where uniform models land; a plan thins some groups far more than
+    others, and its measured time corrects the calibration where plans land. A point at (within 1e-6 ms)
+    the sum of an existing one replaces it; beyond MAX_CALIBRATION points the measured-plan point nearest
+    in sum is dropped (probe fraction -1 marks measured plans)."""
+    probes = list(table.probes) if len(table.probes) == len(table.calibration) else [0.0] * len(table.calibration)
+    points = [(round(float(a), 6), float(b), f) for (a, b), f in zip(table.calibration, probes, strict=True)
+              if abs(a - sum_ms) > 1e-6]
+    if len(points) >= MAX_CALIBRATION:
+        measured = [p for p in points if p[2] == -1.0]
+        if not measured:
+            raise ValueError("latency table calibration is full of probes: no room for a measured plan")
+        points.remove(min(measured, key=lambda p: abs(p[0] - sum_ms)))
+    points = sorted([*points, (round(float(sum_ms), 6), round(float(measured_ms), 6), -1.0)])
+    return dataclasses.replace(table, calibration=tuple((a, b) for a, b, _ in points),
+                               probes=tuple(f for _, _, f in points))
+
+
+@dataclass
+class PlanCheck:
+    """One plan timed whole beside the dense model by `check_plan`."""
+
+    predicted_fraction: float  # of the dense time, by the table the plan was made with
+    measured_fraction: float  # of the dense time, both timed now, interleaved
+    dense_ms: float  # the dense model's time in that timing
+
+
+def check_plan(model, table: LatencyTable, plan_for, asked_fraction: float, threads: int = 1,
+               tolerance: float = CHECK_TOLERANCE, max_checks: int = MAX_CHECKS, rounds: int = 12, runs: int = 10):
+    """Plan against `table`, time the plan's compact model beside `model` (the dense decomposed model) on this
+    machine, and while it measures above `asked_fraction` * (1 + tolerance) or below `asked_fraction` *
+    (1 - tolerance), add the measurement to the table's calibration (`with_measured_point`) and plan again.
+
+    `plan_for(table)` returns the PruningPlan a table gives (the caller's scores and budget). Returns
+    (table, plan, checks): the plan measured closest to the asked fraction without exceeding it by more than
+    the tolerance (if none did, the fastest), the table it was made with (so planning again with that table
+    gives the same plan) and every check. A table's layer sums come from `LatencyCost.layer_sum_ms`; the
+    measured time enters the calibration as a fraction of the dense time now times the table's dense time
+    (its prediction for the dense model), so a machine that drifted since the table was measured does not
+    shift the whole calibration."""
+    from cut.compact import compact_model
+    from cut.export import export_onnx
+    from cut.groups import analyse
+
+    analysis = analyse(model)
+    tried = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path = Path(tmp) / "dense.onnx"
+        export_onnx(model, dense_path)
+        for i in range(max(1, int(max_checks))):
+            plan = plan_for(table)
+            cost = latency_cost(analysis, table)
+            kept = cost.counts_vector({g: len(k) for g, k in plan.keep.items()})
+            path = Path(tmp) / f"plan{i}.onnx"
+            export_onnx(compact_model(model, plan).eval(), path)
+            dense_ms, plan_ms = interleaved_ms([dense_path, path], threads, rounds=rounds, runs=runs)
+            check = PlanCheck(cost.predict_ms(kept) / cost.predict_ms(cost.group_sizes), plan_ms / dense_ms, dense_ms)
+            tried.append((table, plan, check))
+            if abs(check.measured_fraction / asked_fraction - 1) <= tolerance:
+                break
+            dense_predicted = cost.predict_ms(cost.group_sizes)  # = the table's dense ms on a measured table
+            table = with_measured_point(table, cost.layer_sum_ms(kept), check.measured_fraction * dense_predicted)
+    within = [t for t in tried if t[2].measured_fraction <= asked_fraction * (1 + tolerance)]
+    chosen = (max(within, key=lambda t: t[2].measured_fraction) if within
+              else min(tried, key=lambda t: t[2].measured_fraction))
+    return chosen[0], chosen[1], [t[2] for t in tried]
 
 
 # ----------------------------------------------------------------------------------------------------

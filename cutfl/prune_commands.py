@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cutfl.args import budget_fraction, parse_budget
+from cutfl.args import budget_fraction, int_at_least, parse_budget
 
 
 def _csv(text: str) -> list[str]:
@@ -67,6 +67,30 @@ def _latency_budget(args: argparse.Namespace, base, tasks: list[str], card: dict
     if asked_ms >= table.dense_ms:
         block["note"] = f"{asked_ms:.3f} ms is not below the dense model's {table.dense_ms:.3f} ms: nothing is pruned"
     return fraction, BudgetOptions(latency=table), block
+
+
+def _checked_table(args: argparse.Namespace, base, tasks: list[str], card: dict, fraction: float, options,
+                   scoring_batches, block: dict):
+    """The table to plan with after `cut.latency.check_plan` timed up to --latency-checks plans here."""
+    from dataclasses import replace
+
+    from cut.latency import check_plan
+    from cut.methods import PlanRequest, plan_with
+
+    decomposed = base.decompose(list(tasks)).eval()
+
+    def plan_for(table):
+        request = PlanRequest(model=decomposed, batches=list(scoring_batches), tasks=tuple(tasks),
+                              budget_kind="latency", budget_value=fraction, options=replace(options, latency=table),
+                              seed=args.seed, base_model_sha256=card["weights_sha256"])
+        return plan_with(args.method, request, criterion=args.criterion, fusion_rule=args.fusion).plan
+
+    table, _, checks = check_plan(decomposed, options.latency, plan_for, fraction, threads=max(1, args.threads),
+                                  max_checks=args.latency_checks)
+    block["checks"] = [{"predicted_fraction": c.predicted_fraction, "measured_fraction": c.measured_fraction,
+                        "dense_ms": c.dense_ms} for c in checks]
+    block["table"]["calibration_checked"] = [list(p) for p in table.calibration]
+    return replace(options, latency=table)
 
 
 def _memory_budget(base, tasks: list[str], kind: str, value: float) -> tuple[float, dict]:
@@ -209,6 +233,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if kind in ("latency", "latency_ms"):
         value, options, latency = _latency_budget(args, base, tasks, card, kind, value)
         kind = "latency"
+        if args.latency_checks and value < 1.0:
+            options = _checked_table(args, base, tasks, card, value, options, data.scoring, latency)
     if kind in ("memory", "memory_bytes"):
         value, memory = _memory_budget(base, tasks, kind, value)
         kind = "memory"
@@ -240,7 +266,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary["seconds_prune"] = report["seconds"].get("prune_total")
     if latency is not None:
         summary["latency"] = {k: latency.get(k) for k in ("asked_ms", "asked_fraction", "predicted_ms", "achieved_ms",
-                                                          "dense_ms_now", "achieved_fraction", "error", "note")
+                                                          "dense_ms_now", "achieved_fraction", "error", "checks", "note")
                               if latency.get(k) is not None}
     if memory is not None:
         summary["memory_budget"] = {k: memory.get(k) for k in ("asked_bytes", "asked_fraction", "dense_bytes",
@@ -323,6 +349,10 @@ def add_commands(sub, parser_class=argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset for scoring and evaluation (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and random choices")
     p.add_argument("--out", type=Path, required=True, help="directory for the compact model and report.json")
+    p.add_argument("--latency-checks", type=int_at_least(0), default=3, metavar="N",
+                   help="a latency budget: time up to N plans whole beside the dense model before recovery, each "
+                        "measurement correcting the table's calibration, and keep the one closest to the budget "
+                        "(cut.latency.check_plan; 0: plan from the table alone)")
     common(p)
     p.set_defaults(func=cmd_prune)
 

@@ -219,6 +219,7 @@ def test_prune_with_a_latency_fraction_reports_asked_and_achieved(tiny_dir, tmp_
     assert latency["predicted_ms"] <= latency["asked_ms"] * (1 + 1e-9)
     assert latency["achieved_ms"] > 0 and latency["dense_ms_now"] > 0
     assert latency["achieved_fraction"] == pytest.approx(latency["achieved_ms"] / latency["dense_ms_now"])
+    assert 1 <= len(latency["checks"]) <= L.MAX_CHECKS  # plans timed whole before recovery (check_plan)
     plan = PruningPlan.from_json((out / "plan.json").read_text())
     assert plan.budget_kind == "latency" and plan.budget_value == 0.6
     assert any(len(k) < plan.group_sizes[g] for g, k in plan.keep.items())
@@ -226,6 +227,14 @@ def test_prune_with_a_latency_fraction_reports_asked_and_achieved(tiny_dir, tmp_
     assert (out / "model.onnx").is_file() and (out / "model.onnx.json").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["latency"]["table"]["round_to"] == 8
+
+
+def test_prune_plans_from_the_table_alone_with_no_latency_checks(tiny_dir, tmp_path, capsys, fast_table):
+    code, stdout, err = _prune(["--model", str(tiny_dir), "--tasks", "depth", "--budget", "latency=0.6",
+                                "--latency-checks", "0", "--out", str(tmp_path / "nocheck")], capsys)
+    assert code == 0, err
+    latency = json.loads(stdout)["latency"]
+    assert "checks" not in latency and latency["predicted_ms"] <= latency["asked_ms"] * (1 + 1e-9)
 
 
 def test_prune_with_milliseconds_above_the_dense_time_prunes_nothing(tiny_dir, tmp_path, capsys, fast_table):
@@ -367,3 +376,59 @@ def test_a_federation_device_with_a_latency_budget_gets_a_plan_within_its_millis
     assert latency["macs_ratio"] < 1.0  # pruned
     assert entries["device-0001"]["params_ratio"] <= 0.5 + 1e-9
     assert report["summary"]["all_within_budget"]
+
+
+def test_a_measured_plan_joins_the_calibration_in_order_and_replaces_one_at_its_sum(model, analysis):
+    table = dataclasses.replace(macs_table(model, analysis), calibration=((1.0, 1.1), (3.0, 3.2), (9.0, 9.9)),
+                                probes=(0.3, 0.5, 1.0))
+    checked = L.with_measured_point(table, 2.0, 2.6)
+    assert checked.calibration == ((1.0, 1.1), (2.0, 2.6), (3.0, 3.2), (9.0, 9.9))
+    assert checked.probes == (0.3, -1.0, 0.5, 1.0)
+    again = L.with_measured_point(checked, 2.0, 2.4)  # the same plan timed again: its point moves
+    assert again.calibration[1] == (2.0, 2.4) and len(again.calibration) == 4
+    assert L.latency_cost(analysis, checked).calibrate(2.0) == pytest.approx(2.6)
+    full = table
+    for i in range(L.MAX_CALIBRATION + 2):  # never more points than a table may carry; the probes stay
+        full = L.with_measured_point(full, 4.0 + i * 0.5, 5.0 + i * 0.5)
+    assert len(full.calibration) == L.MAX_CALIBRATION
+    assert {(1.0, 1.1), (3.0, 3.2), (9.0, 9.9)} <= set(full.calibration)
+    assert L.LatencyTable.from_dict(json.loads(full.to_json())) == full
+
+
+def _fake_timing(monkeypatch, slowdown):
+    """Export writes the model's MACs; timing returns dense 1 ms and each plan slowdown(its MAC fraction)."""
+    import cut.export
+    from cut.models import count_macs
+
+    monkeypatch.setattr(cut.export, "export_onnx", lambda m, path, **kw: path.write_text(str(count_macs(m))))
+    timed = []
+
+    def fake_ms(paths, threads=1, rounds=6, runs=8):
+        macs = [float(p.read_text()) for p in paths]
+        timed.append(macs[1] / macs[0])
+        return [1.0] + [slowdown(m / macs[0]) for m in macs[1:]]
+    monkeypatch.setattr(L, "interleaved_ms", fake_ms)
+    return timed
+
+
+@pytest.mark.parametrize("slowdown, checks", [(lambda f: f, 1), (lambda f: min(1.0, 1.2 * f), L.MAX_CHECKS)])
+def test_check_plan_corrects_the_calibration_until_the_plan_measures_within_tolerance(model, analysis, monkeypatch,
+                                                                                     slowdown, checks):
+    fake = _fake_timing(monkeypatch, slowdown)
+    table = macs_table(model, analysis)  # predicts MACs exactly: time = MACs here unless slowed down
+    rng = np.random.default_rng(0)
+    fused = {g.name: rng.random(g.size) for g in analysis.groups}
+
+    def plan_for(t):
+        return make_plan(fused, analysis, "latency", 0.5, BudgetOptions(latency=t))
+
+    checked, plan, history = L.check_plan(model, table, plan_for, 0.5)
+    assert len(history) == len(fake) and (len(history) == 1 if checks == 1 else 2 <= len(history) <= checks)
+    assert history[0].predicted_fraction == pytest.approx(0.5, abs=0.05)
+    assert history[-1].measured_fraction <= 0.5 * (1 + L.CHECK_TOLERANCE)
+    assert history[-1].measured_fraction >= 0.5 * (1 - 2 * L.CHECK_TOLERANCE)
+    assert plan_for(checked).keep == plan.keep  # planning again with the returned table gives the returned plan
+    assert (-1.0 in checked.probes) == (len(history) > 1)
+    if checks > 1:  # the first plan measured 20% slow: the one kept has fewer MACs
+        assert history[0].measured_fraction == pytest.approx(1.2 * fake[0])
+        assert fake[-1] < fake[0]
