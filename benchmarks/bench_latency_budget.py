@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_latency_budget.py [--model runs/pretrained-scenes]
         [--tasks seg,depth] [--budgets 0.3,0.4,0.5,0.6,0.7,0.8] [--recovery-steps 100] [--cached-table]
-        [--input-size 128]
+        [--input-size 128] [--checks 3]
 
 One run, side by side. The decomposed model's latency table is measured (or read from the cache) with
 onnxruntime on --threads threads (default 1), batch 1. For each budget f (a fraction of the dense model's
@@ -10,6 +10,9 @@ measured time) `cut.pipeline.prune` (method cut, the same scoring / recovery dat
 for every model, --seed, default 0) builds:
 
 - `latency`: the plan against the table (`--budget latency=f`);
+- `checked` (with --checks N > 0, default 3): the plan `cutfl prune --budget latency=f` makes, up to N plans
+  timed whole beside the dense model before recovery, each measurement added to the table's calibration
+  (`cut.latency.check_plan`);
 - `macs`: the MAC-budget plan whose *predicted* latency is the same (the largest MAC fraction whose plan
   the table predicts at or below the latency plan's), i.e. equal latency, planned by MACs.
 
@@ -74,6 +77,9 @@ def main() -> int:
                    help="run the model (and its data) at this square size instead of the size it was trained at")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
     p.add_argument("--runs", type=int, default=10, help="timed runs per model per round")
+    p.add_argument("--checks", type=int, default=3,
+                   help="also plan each budget as `cutfl prune` does: up to this many plans timed whole before "
+                        "recovery (cut.latency.check_plan), the 'checked' rows; 0: none")
     p.add_argument("--cached-table", action="store_true",
                    help="use a cached latency table if there is one (default: measure it now, beside the timing)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_budget"))
@@ -88,7 +94,7 @@ def main() -> int:
     from cut.export import check_parity, export_onnx
     from cut.groups import analyse
     from cut.importance import score_tasks
-    from cut.latency import interleaved_ms, latency_cost, table_for
+    from cut.latency import check_plan, interleaved_ms, latency_cost, table_for
     from cut.models import count_macs
     from cut.pipeline import RecoveryConfig, Samples, prune, seed_data
 
@@ -128,9 +134,17 @@ def main() -> int:
         lat_plan = plan_from_scores(per_task, analysis, "latency", f, options=BudgetOptions(latency=table), method="cut")
         macs_value, macs_plan = matched_macs_fraction(per_task, analysis, cost,
                                                       lat_plan.achieved["latency_ms_predicted"])
-        for planner, kind, value, plan in (("latency", "latency", f, lat_plan), ("macs", "macs", macs_value, macs_plan)):
+        candidates = [("latency", "latency", f, lat_plan, table), ("macs", "macs", macs_value, macs_plan, table)]
+        if args.checks:
+            def plan_for(t, f=f):
+                return plan_from_scores(per_task, analysis, "latency", f, options=BudgetOptions(latency=t), method="cut")
+            checked_table, checked_plan, checks = check_plan(dense, table, plan_for, f, threads=args.threads,
+                                                             max_checks=args.checks)
+            candidates.append(("checked", "latency", f, checked_plan, checked_table))
+        for planner, kind, value, plan, plan_table in candidates:
             kept = cost.counts_vector({g: len(k) for g, k in plan.keep.items()})
             rows.append({"budget": f, "planner": planner, "kind": kind, "value": value, "keep": plan.keep,
+                         "table": plan_table, "checks": [vars(c) for c in checks] if planner == "checked" else None,
                          "model": compact_model(dense, plan).eval(), "macs_ratio": plan.achieved["macs_ratio"],
                          "params_ratio": plan.achieved["params_ratio"], "predicted_ms": cost.predict_ms(kept),
                          "kept": {g: len(k) for g, k in plan.keep.items()}})
@@ -155,7 +169,8 @@ def main() -> int:
     dense_metrics = None
     for row in rows:
         t0 = time.perf_counter()
-        options = BudgetOptions(latency=table) if row["kind"] == "latency" else None
+        plan_table = row.pop("table")
+        options = BudgetOptions(latency=plan_table) if row["kind"] == "latency" else None
         _, plan, report = prune(
             base, tasks, row["kind"], row["value"], method="cut", test_loader=test_batches, seed=args.seed,
             base_sha256=card["weights_sha256"], recovery=recovery, scoring_batches=data.scoring,
@@ -176,6 +191,10 @@ def main() -> int:
     xs, ys = [r["measured_ms"] for r in by_ms], [r["delta_m"] for r in by_ms]
     at_equal = [float(np.interp(r["measured_ms"], xs, ys)) if xs[0] <= r["measured_ms"] <= xs[-1] else None
                 for r in lat]
+    chk = [r for r in rows if r["planner"] == "checked"]
+    chk_errors = [r["measured_fraction"] / r["budget"] - 1 for r in chk]
+    chk_equal = [float(np.interp(r["measured_ms"], xs, ys)) if xs[0] <= r["measured_ms"] <= xs[-1] else None
+                 for r in chk]
     summary = {
         "date": date.today().isoformat(), "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "load_1min": os.getloadavg()[0], "model": str(args.model), "weights": card["weights_sha256"][:12],
@@ -191,6 +210,11 @@ def main() -> int:
                                                            for r, a in zip(lat, at_equal, strict=True)],
         "seconds": time.perf_counter() - start, "rows": rows,
     }
+    if chk:
+        summary.update(median_error_checked=statistics.median(chk_errors),
+                       median_abs_error_checked=statistics.median(abs(e) for e in chk_errors),
+                       delta_m_checked_minus_macs_at_measured_latency=[None if a is None else r["delta_m"] - a
+                                                                       for r, a in zip(chk, chk_equal, strict=True)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     lines = [f"input {base.config.input_size[0]}x{base.config.input_size[1]}, "
@@ -200,7 +224,7 @@ def main() -> int:
              "| delta_m before | delta_m after |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         plan = f"{r['kind']}={r['value']:.3f}"
-        err = f"{r['measured_fraction'] / r['budget'] - 1:+.1%}" if r["planner"] == "latency" else ""
+        err = f"{r['measured_fraction'] / r['budget'] - 1:+.1%}" if r["planner"] != "macs" else ""
         lines.append(f"| {r['budget']:.1f} | {r['planner']} | {plan} | {r['measured_ms']:.3f} | "
                      f"{r['measured_fraction']:.3f} | {err} | {r['macs_ratio']:.3f} | "
                      f"{r['speedup_per_mac_reduction']:.2f} | {r['delta_m_before_recovery']:.2f} | "
@@ -212,6 +236,13 @@ def main() -> int:
               + ", ".join("outside" if d is None else f"{d:+.2f}"
                           for d in summary["delta_m_latency_minus_macs_at_measured_latency"]),
               f"total {summary['seconds']:.0f} s, load {summary['load_1min']:.2f}"]
+    if chk:
+        lines.insert(-1, f"checked plans (up to {args.checks} timed whole before recovery): median error "
+                         f"{summary['median_error_checked']:+.1%}, median |error| {summary['median_abs_error_checked']:.1%}, "
+                         f"plans timed per budget " + ", ".join(str(len(r["checks"])) for r in chk)
+                         + "; delta_m checked - macs at equal measured latency: "
+                         + ", ".join("outside" if d is None else f"{d:+.2f}"
+                                     for d in summary["delta_m_checked_minus_macs_at_measured_latency"]))
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
