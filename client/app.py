@@ -41,7 +41,7 @@ from client.adapt import adapt
 from client.data import LocalData, local_data
 from client.device import Device, device_from_node_config
 from client.hooks import NO_HOOKS, DeviceHooks
-from client.latency import measured_budget
+from client.latency import delivered_latency, measured_budget
 from client.scoring import score_and_encode
 from cut.compact import recalibrate_batchnorm
 from cut.importance import take_batches
@@ -260,6 +260,8 @@ class Handlers:
             if outcome["accepted"]:
                 stored = _models(device).put_active(adapted, spec.plan, spec.weights_sha256)
                 model = adapted
+        if device.budget.kind == "latency":  # what the budget bought here: timed beside the dense model
+            metrics.update(delivered_latency(model, _dense(device), device.latency_threads))
         if cfg.evaluate:
             metrics.update(metrics_record("compact", _evaluate(model, local_data(device), cfg.batch_size)))
         return Message(RecordDict({CONFIG: _holding(stored), METRICS: MetricRecord(metrics)}), reply_to=msg)

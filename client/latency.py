@@ -4,7 +4,9 @@ The server's profile query carries the base model's architecture and sha256 (pro
 Time depends on shapes, not on weight values, so the device builds the decomposed architecture with
 untrained weights and times it (cut.latency: a few seconds, cached per base model, tasks, runtime and
 threads in the device's store, or in the default cache without a store). The server then plans against
-that table (server.planning.PlanBook.latency_budget).
+that table (server.planning.PlanBook.latency_budget). When the compact model arrives, the device times it
+beside its dense decomposed model (`delivered_latency`) and reports both in its deliver reply: what the
+budget bought on the device itself, not the table's prediction.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cut.latency import table_for
+from cut.latency import models_ms, table_for
 from cut.messages import Budget, ValidationError
 from protocol.phases import ProfileConfig
 from protocol.records import build_architecture
@@ -32,4 +34,11 @@ def measured_budget(budget: Budget, tasks: tuple[str, ...], config: ProfileConfi
     return replace(budget, latency_table=table)
 
 
-__all__ = ["measured_budget"]
+def delivered_latency(model, dense, threads: int = 1) -> dict[str, float]:
+    """The delivered compact model and the dense decomposed one timed here, interleaved (onnxruntime, batch 1):
+    {'latency_ms', 'latency_dense_ms'}, the deliver reply's metrics of a latency budget."""
+    dense_ms, compact_ms = models_ms([dense.eval(), model.eval()], threads)
+    return {"latency_ms": float(compact_ms), "latency_dense_ms": float(dense_ms)}
+
+
+__all__ = ["delivered_latency", "measured_budget"]

@@ -391,6 +391,9 @@ def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBoo
             record.sizes["params_compact"] = metric_value(metrics, "params", "deliver reply")
             if metrics is not None and "adapt_accepted" in metrics:
                 record.adapted = metric_value(metrics, "adapt_accepted", "deliver reply") > 0
+            if metrics is not None and "latency_ms" in metrics:  # a latency budget: timed on the device
+                for key in ("latency_ms", "latency_dense_ms"):
+                    record.sizes[key] = metric_value(metrics, key, "deliver reply", minimum=1e-6)
             if oneshot:
                 record.metrics_oneshot = _task_metrics(metrics, "compact", record)
         except ValidationError as e:

@@ -35,6 +35,17 @@ def device_delta(record: DeviceRecord, metrics: dict[str, dict[str, float]], bas
     return value if math.isfinite(value) else None
 
 
+def latency_error(record: DeviceRecord) -> float | None:
+    """Measured on the device / asked - 1 for a latency budget (ms budgets: ms / ms; fractions: of its dense
+    model timed beside the compact one); None without the device's measurement."""
+    sizes, prof = record.sizes, record.profile
+    if prof is None or prof.budget.kind != "latency" or not sizes.get("latency_dense_ms"):
+        return None
+    if prof.budget.milliseconds:
+        return sizes["latency_ms"] / prof.budget.milliseconds - 1
+    return sizes["latency_ms"] / sizes["latency_dense_ms"] / prof.budget.value - 1
+
+
 def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
     prof = record.profile
     sizes = record.sizes
@@ -61,6 +72,11 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "latency_ratio_predicted": record.achieved.get("latency_ratio_predicted"),
         "latency_ms_predicted": record.achieved.get("latency_ms_predicted"),
         "budget_ms": (prof.budget.milliseconds or None) if prof else None,
+        # ... and what the device measured when the model arrived (the compact and its dense model, interleaved)
+        "latency_ms_measured": sizes.get("latency_ms"),
+        "latency_ratio_measured": (sizes["latency_ms"] / sizes["latency_dense_ms"] if sizes.get("latency_dense_ms")
+                                   else None),
+        "latency_error_measured": latency_error(record),
         # a memory budget (cut.memory: weight + peak activation bytes), and its budget in bytes if given
         "memory_ratio": record.achieved.get("memory_ratio"),
         "memory_bytes": record.achieved.get("memory_bytes"),
@@ -146,6 +162,8 @@ def summarise(entries: list[dict], settings: Settings, base: BaseModel, book: Pl
         "distinct_plans": len({e["plan_hash"] for e in ok}),
         "compact_models_built": len(book.builds),
         "all_within_budget": all(within_budget(e) for e in ok),
+        # latency budgets: measured on each device when its model arrived / asked - 1 (None: no latency budget)
+        "latency_error_measured": _stats([e.get("latency_error_measured") for e in ok]),
         "params_ratio": _stats([e["params_ratio"] for e in ok]),
         "delta_m": _stats([e["delta_m"] for e in ok]),
         "delta_m_oneshot": _stats([e["delta_m_oneshot"] for e in ok]),

@@ -389,6 +389,11 @@ def test_a_federation_device_with_a_latency_budget_gets_a_plan_within_its_millis
     assert latency["macs_ratio"] < 1.0  # pruned
     assert entries["device-0001"]["params_ratio"] <= 0.5 + 1e-9
     assert report["summary"]["all_within_budget"]
+    # the device timed its delivered model beside its dense one when it arrived; the params device did not
+    assert latency["latency_ms_measured"] > 0 and 0 < latency["latency_ratio_measured"] < 1.5
+    assert latency["latency_error_measured"] == pytest.approx(latency["latency_ratio_measured"] / 0.9 - 1)
+    assert entries["device-0001"]["latency_ms_measured"] is None
+    assert report["summary"]["latency_error_measured"]["n"] == 1
 
 
 def test_a_measured_plan_joins_the_calibration_in_order_and_replaces_one_at_its_sum(model, analysis):
