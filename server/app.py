@@ -66,7 +66,7 @@ from server.aggregate import aggregate, bound_updates, check_update, fedavg, med
 from server.exchange import exchange, wait_for_nodes
 from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
-from server.planning import BaseModel, Build, PlanBook
+from server.planning import BaseModel, Build, PlanBook, measured_budget, over_latency
 from server.recovery import UpdateGate, recover_plans
 from server.report import write_report
 from server.rundir import RunState
@@ -117,6 +117,8 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
         recovery = recover_plans(book, base, settings.recovery, state, progress=progress_enabled())
     with clock("deliver"):
         deliver_models(grid, ledger, settings, book)  # as recovered (cached by plan hash): what one-shot measures
+    with clock("latency-checks"):  # devices whose model measured over their latency budget: planned again
+        recovery["latency_checks"] = recheck_latency(grid, ledger, settings, base, book, aggregated, state)
     restore_weights(book, state)  # then a resumed run goes on from each plan's fine-tuned weights
     gate = (UpdateGate(base, settings.recovery)
             if settings.finetune.gate and settings.finetune.rounds > state.finetune_round else None)
@@ -337,20 +339,69 @@ def plan_devices(ledger: Ledger, settings: Settings, base: BaseModel, aggregated
     p = settings.planning
     book = PlanBook(base, BudgetOptions(p.min_channels, p.min_fraction, p.round_to), p.normalise)
     for record in ledger.active():
-        prof = record.profile
-        key = None if p.personalisation > 0 else (
-            record.tasks, prof.budget.kind, prof.budget.value, tuple(sorted(prof.task_priority.items())))
-        try:
-            own = record.report.scores if record.report is not None else None  # None in secure mode
-            per_task = personalise(aggregated, own, record.tasks, p.personalisation)
-            plan = book.plan(record.tasks, prof.budget, per_task, prof.task_priority, key)
-            book.build(plan)
-        except ValueError as e:
-            ledger.exclude(record.node_id, REJECTED, "plan", str(e).splitlines()[0])
-            continue
-        record.plan_hash, record.achieved = plan.plan_hash, dict(plan.achieved)
-        record.bytes_dense = base.dense_bytes(record.tasks)
+        plan_device(record, ledger, settings, base, book, aggregated)
     return book
+
+
+def plan_device(record: DeviceRecord, ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
+                aggregated: TaskScores) -> bool:
+    """Plan and build one device's model from its profile (excluded, with the reason, if it cannot be planned)."""
+    try:
+        plan = device_plan(record.profile, record, settings, book, aggregated)
+    except ValueError as e:
+        ledger.exclude(record.node_id, REJECTED, "plan", str(e).splitlines()[0])
+        return False
+    record.plan_hash, record.achieved = plan.plan_hash, dict(plan.achieved)
+    record.bytes_dense = base.dense_bytes(record.tasks)
+    return True
+
+
+def device_plan(prof, record: DeviceRecord, settings: Settings, book: PlanBook, aggregated: TaskScores):
+    """The built plan of a device with profile `prof` (ValueError naming the problem if there is none)."""
+    p = settings.planning
+    key = None if p.personalisation > 0 else (
+        record.tasks, prof.budget.kind, prof.budget.value, tuple(sorted(prof.task_priority.items())))
+    own = record.report.scores if record.report is not None else None  # None in secure mode
+    per_task = personalise(aggregated, own, record.tasks, p.personalisation)
+    plan = book.plan(record.tasks, prof.budget, per_task, prof.task_priority, key)
+    book.build(plan)
+    return plan
+
+
+def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
+                    aggregated: TaskScores, state: RunState | None) -> dict:
+    """Devices whose delivered model measured over their latency budget (their deliver reply's timing): the
+    measurement joins their table's calibration (server.planning.measured_budget), they are planned again,
+    the new plans recovered and delivered, at most `planning.latency_checks` times."""
+    out = {"rounds": 0, "replanned": 0, "over_at_end": 0}
+    for _ in range(settings.planning.latency_checks):
+        replanned = []
+        for record in ledger.active():
+            sizes, budget = record.sizes, record.profile.budget
+            if "latency_ms" not in sizes or not over_latency(budget, sizes["latency_ms"], sizes["latency_dense_ms"]):
+                continue
+            plan = book.builds[record.plan_hash].plan
+            profile = dataclasses.replace(record.profile, budget=measured_budget(
+                budget, base.analysis(record.tasks), plan, sizes["latency_ms"] / sizes["latency_dense_ms"]))
+            try:
+                again = device_plan(profile, record, settings, book, aggregated)
+            except ValueError as e:  # e.g. the corrected budget is below the smallest plan: keep the delivered one
+                out.setdefault("kept", []).append({"device_id": record.device_id, "reason": str(e).splitlines()[0]})
+                continue
+            record.profile = profile
+            if again.plan_hash != plan.plan_hash:
+                record.plan_hash, record.achieved = again.plan_hash, dict(again.achieved)
+                replanned.append(record.node_id)
+        if not replanned:
+            break
+        out["rounds"] += 1
+        out["replanned"] += len(replanned)
+        recover_plans(book, base, settings.recovery, state)  # the new plans (recovered ones come from the run dir)
+        deliver_models(grid, ledger, settings, book, only=set(replanned))
+    out["over_at_end"] = sum("latency_ms" in r.sizes and over_latency(r.profile.budget, r.sizes["latency_ms"],
+                                                                      r.sizes["latency_dense_ms"])
+                             for r in ledger.active())
+    return out
 
 
 # ------------------------------------------------------------------------------------------ deliver
@@ -368,13 +419,17 @@ class WeightRecords:
         return ArrayRecord(dict(self._cache[build.weights_sha256]))
 
 
-def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook) -> None:
-    """train.deliver: spec + weights; the device's reply must name the weights it was sent."""
+def deliver_models(grid: Grid, ledger: Ledger, settings: Settings, book: PlanBook, only: set[int] | None = None
+                   ) -> None:
+    """train.deliver: spec + weights (to the devices in `only`, default all); the device's reply must name the
+    weights it was sent."""
     weights = WeightRecords()
     oneshot = settings.evaluation.oneshot and settings.finetune.rounds > 0
     config = DeliverConfig(evaluate=oneshot, batch_size=settings.evaluation.batch_size)
     contents = {}
     for r in ledger.active():
+        if only is not None and r.node_id not in only:
+            continue
         build = book.builds[r.plan_hash]
         contents[r.node_id] = RecordDict({
             SPEC: ConfigRecord({"data": build.spec_bytes}),

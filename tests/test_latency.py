@@ -450,3 +450,55 @@ def test_check_plan_corrects_the_calibration_until_the_plan_measures_within_tole
     if checks > 1:  # the first plan measured 20% slow: the one kept has fewer MACs
         assert history[0].measured_fraction == pytest.approx(1.2 * fake[0])
         assert fake[-1] < fake[0]
+
+
+def test_the_server_plans_again_a_device_whose_delivered_model_measured_over_its_budget(tmp_path, model, monkeypatch):
+    """server.app.recheck_latency with the exchange faked: the device's deliver reply timed its model 25% over
+    its fraction; the measurement joins its table, it gets a faster plan, delivered again, and then it fits."""
+    import server.app as app
+    from cut.checkpoint import save_model
+    from cut.messages import Budget, TaskProfile
+    from server.ledger import Ledger
+    from server.planning import BaseModel, PlanBook, measured_budget, over_latency
+    from server.settings import load_settings
+
+    full = build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32)))
+    full.load_state_dict(model.state_dict(), strict=False)
+    save_model(tmp_path / "base", full, {"dataset": "scenes"})
+    base = BaseModel.load(tmp_path / "base")
+    tasks = base.canonical(("seg", "depth"))
+    analysis = base.analysis(tasks)
+    table = small_table(base.decomposed(tasks), analysis, sha=base.sha256)
+    rng = np.random.default_rng(0)
+    aggregated = {t: {g.name: rng.random(g.size) for g in analysis.groups_of_task(t)} for t in tasks}
+    settings = load_settings("default")
+    book = PlanBook(base, BudgetOptions(round_to=4, min_channels=4))
+    ledger = Ledger([7])
+    record = ledger.records[7]
+    record.device_id, record.tasks = "phone", tasks
+    record.profile = TaskProfile("phone", tasks, Budget("latency", 0.6, latency_table=table))
+    assert app.plan_device(record, ledger, settings, base, book, aggregated)
+    first = book.builds[record.plan_hash].plan
+    predicted = first.achieved["latency_ratio_predicted"]
+    record.sizes.update(latency_ms=1.25 * predicted, latency_dense_ms=1.0)  # the device: 25% slower than its table
+    assert over_latency(record.profile.budget, 1.25 * predicted, 1.0)
+    assert not over_latency(record.profile.budget, 0.6, 1.0) and not over_latency(Budget("params", 0.5), 9.0, 1.0)
+    corrected = measured_budget(record.profile.budget, analysis, first, 1.25 * predicted)
+    assert L.latency_cost(analysis, corrected.latency_table).predict_ms(
+        analysis.cost.counts_vector({g: len(k) for g, k in first.keep.items()})) == pytest.approx(
+        1.25 * predicted * table.dense_ms, rel=1e-4)  # the table now predicts what the device measured
+
+    delivered = []
+
+    def fake_deliver(grid, ledger_, settings_, book_, only=None):
+        delivered.append(set(only))
+        for r in ledger_.active():  # the device times its new model as its corrected table predicts
+            r.sizes["latency_ms"] = book_.builds[r.plan_hash].plan.achieved["latency_ratio_predicted"]
+    monkeypatch.setattr(app, "deliver_models", fake_deliver)
+    monkeypatch.setattr(app, "recover_plans", lambda *a, **k: {})
+    out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
+    assert out["rounds"] == 1 and out["replanned"] == 1 and out["over_at_end"] == 0 and delivered == [{7}]
+    assert record.plan_hash != first.plan_hash and record.ok
+    again = book.builds[record.plan_hash].plan
+    assert sum(map(len, again.keep.values())) < sum(map(len, first.keep.values()))  # fewer channels: faster
+    assert -1.0 in record.profile.budget.latency_table.probes
