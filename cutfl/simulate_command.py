@@ -115,6 +115,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         short["delta_m_ci95"] = summary["delta_m"]["ci95"]
     short["delta_m_by_budget"] = {k: round(v["mean"], 2) for k, v in (summary.get("delta_m_by_budget") or {}).items()
                                   if v}
+    if summary.get("latency_error_measured"):  # latency budgets: measured on the devices / asked - 1
+        short["latency_error_measured_median"] = summary["latency_error_measured"]["median"]
     if summary.get("oracle"):
         short["oracle_gap_mean"] = summary["oracle"]["gap_mean"]
     privacy = summary.get("privacy") or {}
