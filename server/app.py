@@ -396,7 +396,9 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
             break
         out["rounds"] += 1
         out["replanned"] += len(replanned)
-        recover_plans(book, base, settings.recovery, state)  # the new plans (recovered ones come from the run dir)
+        recovered = recover_plans(book, base, settings.recovery, state)  # the new plans (others: from the run dir)
+        out["recovered"] = out.get("recovered", 0) + recovered.get("recovered", 0)
+        out["seconds_recovery"] = out.get("seconds_recovery", 0.0) + recovered.get("seconds", 0.0)
         deliver_models(grid, ledger, settings, book, only=set(replanned))
     out["over_at_end"] = sum("latency_ms" in r.sizes and over_latency(r.profile.budget, r.sizes["latency_ms"],
                                                                       r.sizes["latency_dense_ms"])

@@ -394,6 +394,7 @@ def test_a_federation_device_with_a_latency_budget_gets_a_plan_within_its_millis
     assert latency["latency_error_measured"] == pytest.approx(latency["latency_ratio_measured"] / 0.9 - 1)
     assert entries["device-0001"]["latency_ms_measured"] is None
     assert report["summary"]["latency_error_measured"]["n"] == 1
+    assert "Latency budgets (timed on each device" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_a_measured_plan_joins_the_calibration_in_order_and_replaces_one_at_its_sum(model, analysis):
