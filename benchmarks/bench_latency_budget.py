@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_model  # benchmarks/machine.py
+from model_data import load_model_and_data  # benchmarks/model_data.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,30 +90,17 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from cut.budget import BudgetOptions
-    from cut.checkpoint import load_model
-    from cut.data import get_dataset
     from cut.export import check_parity, export_onnx
     from cut.groups import analyse
     from cut.importance import score_tasks
     from cut.latency import check_plan, interleaved_ms, latency_cost, table_for
     from cut.models import count_macs
-    from cut.pipeline import RecoveryConfig, Samples, prune, seed_data
+    from cut.pipeline import RecoveryConfig, prune, seed_data
 
     start = time.perf_counter()
-    base, card = load_model(args.model)
+    base, card, train, test = load_model_and_data(args.model, args.train_samples, args.test_samples, args.input_size)
     tasks = args.tasks.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
-    kwargs = {k: v for k, v in card.get("dataset_kwargs", {}).items() if k != "num_samples"}
-    test_kwargs = {k: v for k, v in card.get("test_kwargs", {}).items() if k != "num_samples"}
-    if args.input_size:  # the models are fully convolutional: the same weights run at another size
-        from dataclasses import replace
-
-        if "size" not in kwargs:
-            raise SystemExit(f"--input-size: dataset {card['dataset']!r} takes no size")
-        base.config = replace(base.config, input_size=(args.input_size, args.input_size))
-        kwargs["size"] = test_kwargs["size"] = args.input_size
-    train = Samples.from_dataset(get_dataset(card["dataset"], "train", num_samples=args.train_samples, **kwargs))
-    test = Samples.from_dataset(get_dataset(card["dataset"], "test", num_samples=args.test_samples, **test_kwargs))
     recovery = RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size)
     data = seed_data(train, args.seed, 32, 4, recovery)
     test_batches = test.batches(64)

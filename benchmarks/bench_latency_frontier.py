@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_model  # benchmarks/machine.py
+from model_data import load_model_and_data  # benchmarks/model_data.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,27 +99,21 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from cut import fusion
     from cut.budget import BudgetOptions, cost_for, group_allowed
-    from cut.checkpoint import load_model
     from cut.compact import compact_model, recalibrate_batchnorm
-    from cut.data import get_dataset
     from cut.export import export_onnx
     from cut.groups import analyse
     from cut.importance import score_tasks
     from cut.latency import interleaved_ms, table_for
-    from cut.pipeline import RecoveryConfig, Samples, seed_data
+    from cut.pipeline import RecoveryConfig, seed_data
     from cut.planner import plan_from_counts, plan_from_scores
     from cut.recovery import recover
     from cut.train import evaluate, multitask_delta
 
     start = time.perf_counter()
-    base, card = load_model(args.model)
+    base, card, train, test = load_model_and_data(args.model, args.train_samples, args.test_samples)
     tasks = args.tasks.split(",")
     weights = [float(w) for w in args.weights.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    kwargs = {k: v for k, v in card.get("dataset_kwargs", {}).items() if k != "num_samples"}
-    test_kwargs = {k: v for k, v in card.get("test_kwargs", {}).items() if k != "num_samples"}
-    train = Samples.from_dataset(get_dataset(card["dataset"], "train", num_samples=args.train_samples, **kwargs))
-    test = Samples.from_dataset(get_dataset(card["dataset"], "test", num_samples=args.test_samples, **test_kwargs))
     test_batches = test.batches(64)
     recovery = RecoveryConfig(steps=args.recovery_steps, batch_size=args.recovery_batch_size)
     dense = base.decompose(tasks).eval()

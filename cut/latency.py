@@ -605,6 +605,15 @@ def with_measured_point(table: LatencyTable, sum_ms: float, measured_ms: float) 
                                probes=tuple(f for _, _, f in points))
 
 
+def with_measured_plan(table: LatencyTable, analysis, plan, measured_fraction: float) -> LatencyTable:
+    """`table` with `plan`'s measured time (a fraction of the dense model's, both timed together) among its
+    calibration points: the plan's layer-time sum against that fraction of the table's own dense prediction,
+    so a machine that drifted since the table was measured does not shift the whole calibration."""
+    cost = latency_cost(analysis, table)
+    kept = cost.counts_vector({g: len(k) for g, k in plan.keep.items()})
+    return with_measured_point(table, cost.layer_sum_ms(kept), measured_fraction * cost.predict_ms(cost.group_sizes))
+
+
 @dataclass
 class PlanCheck:
     """One plan timed whole beside the dense model by `check_plan`."""
@@ -623,10 +632,7 @@ def check_plan(model, table: LatencyTable, plan_for, asked_fraction: float, thre
     `plan_for(table)` returns the PruningPlan a table gives (the caller's scores and budget). Returns
     (table, plan, checks): the plan measured closest to the asked fraction without exceeding it by more than
     the tolerance (if none did, the fastest), the table it was made with (so planning again with that table
-    gives the same plan) and every check. A table's layer sums come from `LatencyCost.layer_sum_ms`; the
-    measured time enters the calibration as a fraction of the dense time now times the table's dense time
-    (its prediction for the dense model), so a machine that drifted since the table was measured does not
-    shift the whole calibration."""
+    gives the same plan) and every check (each measurement enters the calibration by `with_measured_plan`)."""
     from cut.compact import compact_model
     from cut.export import export_onnx
     from cut.groups import analyse
@@ -647,8 +653,7 @@ def check_plan(model, table: LatencyTable, plan_for, asked_fraction: float, thre
             tried.append((table, plan, check))
             if abs(check.measured_fraction / asked_fraction - 1) <= tolerance:
                 break
-            dense_predicted = cost.predict_ms(cost.group_sizes)  # = the table's dense ms on a measured table
-            table = with_measured_point(table, cost.layer_sum_ms(kept), check.measured_fraction * dense_predicted)
+            table = with_measured_plan(table, analysis, plan, check.measured_fraction)
     within = [t for t in tried if t[2].measured_fraction <= asked_fraction * (1 + tolerance)]
     chosen = (max(within, key=lambda t: t[2].measured_fraction) if within
               else min(tried, key=lambda t: t[2].measured_fraction))

@@ -376,13 +376,11 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
     out = {"rounds": 0, "replanned": 0, "over_at_end": 0}
     for _ in range(settings.planning.latency_checks):
         replanned = []
-        for record in ledger.active():
-            sizes, budget = record.sizes, record.profile.budget
-            if "latency_ms" not in sizes or not over_latency(budget, sizes["latency_ms"], sizes["latency_dense_ms"]):
-                continue
-            plan = book.builds[record.plan_hash].plan
+        for record in filter(measured_over_latency, ledger.active()):
+            sizes, plan = record.sizes, book.builds[record.plan_hash].plan
             profile = dataclasses.replace(record.profile, budget=measured_budget(
-                budget, base.analysis(record.tasks), plan, sizes["latency_ms"] / sizes["latency_dense_ms"]))
+                record.profile.budget, base.analysis(record.tasks), plan,
+                sizes["latency_ms"] / sizes["latency_dense_ms"]))
             try:
                 again = device_plan(profile, record, settings, book, aggregated)
             except ValueError as e:  # e.g. the corrected budget is below the smallest plan: keep the delivered one
@@ -400,10 +398,14 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
         out["recovered"] = out.get("recovered", 0) + recovered.get("recovered", 0)
         out["seconds_recovery"] = out.get("seconds_recovery", 0.0) + recovered.get("seconds", 0.0)
         deliver_models(grid, ledger, settings, book, only=set(replanned))
-    out["over_at_end"] = sum("latency_ms" in r.sizes and over_latency(r.profile.budget, r.sizes["latency_ms"],
-                                                                      r.sizes["latency_dense_ms"])
-                             for r in ledger.active())
+    out["over_at_end"] = sum(map(measured_over_latency, ledger.active()))
     return out
+
+
+def measured_over_latency(record: DeviceRecord) -> bool:
+    """Whether the device timed its delivered model (its deliver reply) over its latency budget."""
+    sizes = record.sizes
+    return "latency_ms" in sizes and over_latency(record.profile.budget, sizes["latency_ms"], sizes["latency_dense_ms"])
 
 
 # ------------------------------------------------------------------------------------------ deliver

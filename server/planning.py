@@ -22,7 +22,7 @@ from cut.checkpoint import load_model
 from cut.compact import compact_model
 from cut.fusion import TaskScores
 from cut.groups import GroupAnalysis, analyse
-from cut.latency import CHECK_TOLERANCE, latency_cost, with_measured_point
+from cut.latency import CHECK_TOLERANCE, with_measured_plan
 from cut.memory import memory_fraction
 from cut.messages import Budget, CompactModelSpec
 from cut.models import MultiTaskModel, count_params
@@ -184,26 +184,28 @@ class PlanBook:
         return Build(plan, encode_spec(spec), arrays, sha, params, dense_params)
 
 
-__all__ = ["BaseModel", "Build", "PlanBook", "measured_budget", "over_latency"]
+def latency_error(budget: Budget, latency_ms: float, dense_ms: float) -> float | None:
+    """Measured / asked - 1 of a model a device timed at `latency_ms` (its dense model at `dense_ms` beside it)
+    against its latency budget (ms budgets: against the milliseconds); None for another budget kind."""
+    if budget.kind != "latency":
+        return None
+    if budget.milliseconds:
+        return latency_ms / budget.milliseconds - 1
+    return latency_ms / dense_ms / budget.value - 1
 
 
 def over_latency(budget: Budget, latency_ms: float, dense_ms: float, tolerance: float = CHECK_TOLERANCE) -> bool:
-    """Whether a delivered model the device timed at `latency_ms` (its dense model at `dense_ms` beside it)
-    is over the device's latency budget by more than `tolerance` (ms budgets: against the milliseconds)."""
-    if budget.kind != "latency" or budget.latency_table is None:
-        return False
-    if budget.milliseconds:
-        return latency_ms > budget.milliseconds * (1 + tolerance)
-    return latency_ms / dense_ms > budget.value * (1 + tolerance)
+    """Whether that model is over the device's latency budget by more than `tolerance` (and the server holds
+    the device's table to plan it again with)."""
+    error = latency_error(budget, latency_ms, dense_ms)
+    return error is not None and budget.latency_table is not None and error > tolerance
 
 
 def measured_budget(budget: Budget, analysis: GroupAnalysis, plan: PruningPlan, measured_fraction: float) -> Budget:
     """`budget` whose latency table has the delivered `plan`'s time, measured on the device as a fraction of its
-    dense model's, among its calibration points (`cut.latency.with_measured_point`): planned again, the
+    dense model's, among its calibration points (`cut.latency.with_measured_plan`): planned again, the
     budget lands where that plan's measurement says it does."""
-    table = budget.latency_table
-    cost = latency_cost(analysis, table)
-    kept = cost.counts_vector({g: len(k) for g, k in plan.keep.items()})
-    dense = cost.predict_ms(cost.group_sizes)
-    return replace(budget, latency_table=with_measured_point(table, cost.layer_sum_ms(kept), measured_fraction * dense))
+    return replace(budget, latency_table=with_measured_plan(budget.latency_table, analysis, plan, measured_fraction))
 
+
+__all__ = ["BaseModel", "Build", "PlanBook", "latency_error", "measured_budget", "over_latency"]

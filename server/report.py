@@ -19,7 +19,7 @@ from typing import Any
 
 from cut.train import multitask_delta
 from server.ledger import OK, DeviceRecord, Ledger
-from server.planning import BaseModel, PlanBook
+from server.planning import BaseModel, PlanBook, latency_error
 from server.privacy import device_privacy, run_privacy
 from server.settings import Settings
 
@@ -35,15 +35,13 @@ def device_delta(record: DeviceRecord, metrics: dict[str, dict[str, float]], bas
     return value if math.isfinite(value) else None
 
 
-def latency_error(record: DeviceRecord) -> float | None:
-    """Measured on the device / asked - 1 for a latency budget (ms budgets: ms / ms; fractions: of its dense
-    model timed beside the compact one); None without the device's measurement."""
+def measured_latency_error(record: DeviceRecord) -> float | None:
+    """Measured on the device / asked - 1 for a latency budget (server.planning.latency_error); None without
+    the device's measurement."""
     sizes, prof = record.sizes, record.profile
-    if prof is None or prof.budget.kind != "latency" or not sizes.get("latency_dense_ms"):
+    if prof is None or not sizes.get("latency_dense_ms"):
         return None
-    if prof.budget.milliseconds:
-        return sizes["latency_ms"] / prof.budget.milliseconds - 1
-    return sizes["latency_ms"] / sizes["latency_dense_ms"] / prof.budget.value - 1
+    return latency_error(prof.budget, sizes["latency_ms"], sizes["latency_dense_ms"])
 
 
 def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
@@ -76,7 +74,7 @@ def device_entry(record: DeviceRecord, base: BaseModel) -> dict[str, Any]:
         "latency_ms_measured": sizes.get("latency_ms"),
         "latency_ratio_measured": (sizes["latency_ms"] / sizes["latency_dense_ms"] if sizes.get("latency_dense_ms")
                                    else None),
-        "latency_error_measured": latency_error(record),
+        "latency_error_measured": measured_latency_error(record),
         # a memory budget (cut.memory: weight + peak activation bytes), and its budget in bytes if given
         "memory_ratio": record.achieved.get("memory_ratio"),
         "memory_bytes": record.achieved.get("memory_bytes"),

@@ -311,21 +311,28 @@ def test_a_latency_profile_travels_with_its_table_and_bad_ones_are_refused(model
         wire.decode_profile(msg.SerializeToString())
 
 
-def test_the_server_plans_a_device_latency_budget_against_its_table(tmp_path, model, analysis):
+def server_base(tmp_path, model):
+    """The server's view of `model` saved as a base model: (BaseModel, seg+depth, a consistent synthetic table
+    for its decomposed model, random per-task scores as the server aggregates them: task -> group -> vector)."""
     from cut.checkpoint import save_model
-    from cut.fusion import TaskScores  # noqa: F401  (the server's score type: task -> group -> vector)
-    from cut.messages import Budget
-    from server.planning import BaseModel, PlanBook
+    from server.planning import BaseModel
 
     full = build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32)))
     full.load_state_dict(model.state_dict(), strict=False)
     save_model(tmp_path / "base", full, {"dataset": "scenes"})
     base = BaseModel.load(tmp_path / "base")
     tasks = base.canonical(("seg", "depth"))
-    dec = base.decomposed(tasks)
-    table = small_table(dec, base.analysis(tasks), sha=base.sha256)
+    analysis = base.analysis(tasks)
     rng = np.random.default_rng(0)
-    per_task = {t: {g.name: rng.random(g.size) for g in base.analysis(tasks).groups_of_task(t)} for t in tasks}
+    scores = {t: {g.name: rng.random(g.size) for g in analysis.groups_of_task(t)} for t in tasks}
+    return base, tasks, small_table(base.decomposed(tasks), analysis, sha=base.sha256), scores
+
+
+def test_the_server_plans_a_device_latency_budget_against_its_table(tmp_path, model, analysis):
+    from cut.messages import Budget
+    from server.planning import PlanBook
+
+    base, tasks, table, per_task = server_base(tmp_path, model)
     book = PlanBook(base, BudgetOptions(round_to=4, min_channels=4))
     dense_ms = L.latency_cost(base.analysis(tasks), table).predict_ms(base.analysis(tasks).cost.group_sizes)
     key = (tasks, "latency", 1.0, ())
@@ -457,21 +464,13 @@ def test_the_server_plans_again_a_device_whose_delivered_model_measured_over_its
     """server.app.recheck_latency with the exchange faked: the device's deliver reply timed its model 25% over
     its fraction; the measurement joins its table, it gets a faster plan, delivered again, and then it fits."""
     import server.app as app
-    from cut.checkpoint import save_model
     from cut.messages import Budget, TaskProfile
     from server.ledger import Ledger
-    from server.planning import BaseModel, PlanBook, measured_budget, over_latency
+    from server.planning import PlanBook, measured_budget, over_latency
     from server.settings import load_settings
 
-    full = build_model(ModelConfig(tasks=scene_tasks(), width=0.25, input_size=(32, 32)))
-    full.load_state_dict(model.state_dict(), strict=False)
-    save_model(tmp_path / "base", full, {"dataset": "scenes"})
-    base = BaseModel.load(tmp_path / "base")
-    tasks = base.canonical(("seg", "depth"))
+    base, tasks, table, aggregated = server_base(tmp_path, model)
     analysis = base.analysis(tasks)
-    table = small_table(base.decomposed(tasks), analysis, sha=base.sha256)
-    rng = np.random.default_rng(0)
-    aggregated = {t: {g.name: rng.random(g.size) for g in analysis.groups_of_task(t)} for t in tasks}
     settings = load_settings("default")
     book = PlanBook(base, BudgetOptions(round_to=4, min_channels=4))
     ledger = Ledger([7])
