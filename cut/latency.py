@@ -591,9 +591,23 @@ def with_measured_point(table: LatencyTable, sum_ms: float, measured_ms: float) 
     The uniform probes calibrate the table where uniform models land; a plan thins some groups far more than
     others, and its measured time corrects the calibration where plans land. A point at (within 1e-6 ms)
     the sum of an existing one replaces it; beyond MAX_CALIBRATION points the measured-plan point nearest
-    in sum is dropped (probe fraction -1 marks measured plans)."""
+    in sum is dropped (probe fraction -1 marks measured plans).
+
+    The measurement is the newest word on the machine where plans land, so the points it contradicts yield
+    to it (the dense probe excepted: it anchors every fraction): one of smaller sum measured slower is lowered
+    to it, one of larger sum measured faster is raised to it. Without that, a plan measured faster than a
+    probe of smaller sum would be raised back to the probe (the calibration is non-decreasing) and a device
+    under its budget could never be given a wider plan."""
     probes = list(table.probes) if len(table.probes) == len(table.calibration) else [0.0] * len(table.calibration)
-    points = [(round(float(a), 6), float(b), f) for (a, b), f in zip(table.calibration, probes, strict=True)
+    measured_ms = float(measured_ms)
+
+    def yielded(a: float, b: float, f: float) -> float:
+        if f == 1.0:
+            return b
+        return min(b, measured_ms) if a < sum_ms else max(b, measured_ms)
+
+    points = [(round(float(a), 6), yielded(a, float(b), f), f) for (a, b), f in zip(table.calibration, probes,
+                                                                                     strict=True)
               if abs(a - sum_ms) > 1e-6]
     if len(points) >= MAX_CALIBRATION:
         measured = [p for p in points if p[2] == -1.0]

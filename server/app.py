@@ -27,13 +27,14 @@ import dataclasses
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from cut.budget import BUDGET_KINDS, BudgetOptions
 from cut.fusion import TaskScores
+from cut.latency import CHECK_TOLERANCE
 from cut.messages import DEFAULT_LIMITS, Limits, PrivacySettings, ScoringRequest, ValidationError
 from cut.progress import progress_enabled
 from cut.wire import arrays_limits, declared_device_id, decode_profile, decode_report, encode_request, report_limits
@@ -66,9 +67,9 @@ from server.aggregate import aggregate, bound_updates, check_update, fedavg, med
 from server.exchange import exchange, wait_for_nodes
 from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
-from server.planning import BaseModel, Build, PlanBook, measured_budget, over_latency
+from server.planning import BaseModel, Build, PlanBook, measured_budget, off_latency, over_latency
 from server.recovery import UpdateGate, recover_plans
-from server.report import write_report
+from server.report import measured_latency_error, write_report
 from server.rundir import RunState
 from server.secagg import secure_aggregate
 from server.settings import Settings, from_run_config, resolve
@@ -370,14 +371,19 @@ def device_plan(prof, record: DeviceRecord, settings: Settings, book: PlanBook, 
 
 def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
                     aggregated: TaskScores, state: RunState | None) -> dict:
-    """Devices whose delivered model measured over their latency budget (their deliver reply's timing): the
-    measurement joins their table's calibration (server.planning.measured_budget), they are planned again,
-    the new plans recovered and delivered, at most `planning.latency_checks` times."""
+    """Devices whose delivered model measured off their latency budget by more than the tolerance, either way
+    (their deliver reply's timing): the measurement joins their table's calibration
+    (server.planning.measured_budget), they are planned again, the new plans recovered and delivered, at most
+    `planning.latency_checks` times. Over budget breaks the budget; under it gives away accuracy the budget
+    allows. A device whose last plan measured over but an earlier one within ends with the earlier one (of those
+    within, the one measured closest to the budget), delivered again: as `cut.latency.check_plan` chooses."""
     out = {"rounds": 0, "replanned": 0, "over_at_end": 0}
+    tried: dict[int, dict[str, float]] = {}  # node -> plan hash -> its measured error (measured / asked - 1)
     for _ in range(settings.planning.latency_checks):
         replanned = []
-        for record in filter(measured_over_latency, ledger.active()):
+        for record in filter(measured_off_latency, ledger.active()):
             sizes, plan = record.sizes, book.builds[record.plan_hash].plan
+            tried.setdefault(record.node_id, {})[plan.plan_hash] = measured_latency_error(record)
             profile = dataclasses.replace(record.profile, budget=measured_budget(
                 record.profile.budget, base.analysis(record.tasks), plan,
                 sizes["latency_ms"] / sizes["latency_dense_ms"]))
@@ -387,7 +393,7 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
                 out.setdefault("kept", []).append({"device_id": record.device_id, "reason": str(e).splitlines()[0]})
                 continue
             record.profile = profile
-            if again.plan_hash != plan.plan_hash:
+            if again.plan_hash != plan.plan_hash and again.plan_hash not in tried[record.node_id]:
                 record.plan_hash, record.achieved = again.plan_hash, dict(again.achieved)
                 replanned.append(record.node_id)
         if not replanned:
@@ -398,14 +404,40 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
         out["recovered"] = out.get("recovered", 0) + recovered.get("recovered", 0)
         out["seconds_recovery"] = out.get("seconds_recovery", 0.0) + recovered.get("seconds", 0.0)
         deliver_models(grid, ledger, settings, book, only=set(replanned))
+    reverted = revert_over_latency(ledger, book, tried)
+    if reverted:
+        out["reverted"] = len(reverted)
+        deliver_models(grid, ledger, settings, book, only=reverted)
     out["over_at_end"] = sum(map(measured_over_latency, ledger.active()))
+    out["under_at_end"] = sum(measured_off_latency(r) and not measured_over_latency(r) for r in ledger.active())
     return out
 
 
-def measured_over_latency(record: DeviceRecord) -> bool:
-    """Whether the device timed its delivered model (its deliver reply) over its latency budget."""
+def revert_over_latency(ledger: Ledger, book: PlanBook, tried: Mapping[int, Mapping[str, float]]) -> set[int]:
+    """Devices that measured their last plan over budget and an earlier one within it: back to the earlier one
+    measured closest to the budget (its build is in the book, recovered). Returns their node ids."""
+    reverted = set()
+    for node_id, errors in tried.items():
+        record = ledger.records[node_id]
+        if not record.ok or not measured_over_latency(record):
+            continue
+        within = {h: e for h, e in errors.items() if e <= CHECK_TOLERANCE and h in book.builds}
+        if within:
+            best = max(within, key=within.get)
+            record.plan_hash, record.achieved = best, dict(book.builds[best].plan.achieved)
+            reverted.add(node_id)
+    return reverted
+
+
+def measured_against(test: Callable[..., bool], record: DeviceRecord) -> bool:
+    """`test` (server.planning.over_latency or off_latency) of the device's delivered model, by the timing in its
+    deliver reply (False if it sent none)."""
     sizes = record.sizes
-    return "latency_ms" in sizes and over_latency(record.profile.budget, sizes["latency_ms"], sizes["latency_dense_ms"])
+    return "latency_ms" in sizes and test(record.profile.budget, sizes["latency_ms"], sizes["latency_dense_ms"])
+
+
+measured_over_latency = functools.partial(measured_against, over_latency)
+measured_off_latency = functools.partial(measured_against, off_latency)
 
 
 # ------------------------------------------------------------------------------------------ deliver

@@ -201,6 +201,13 @@ def over_latency(budget: Budget, latency_ms: float, dense_ms: float, tolerance: 
     return error is not None and budget.latency_table is not None and error > tolerance
 
 
+def off_latency(budget: Budget, latency_ms: float, dense_ms: float, tolerance: float = CHECK_TOLERANCE) -> bool:
+    """Whether that model is off the device's latency budget, over or under, by more than `tolerance` (and the
+    server holds the device's table to plan it again with)."""
+    error = latency_error(budget, latency_ms, dense_ms)
+    return error is not None and budget.latency_table is not None and abs(error) > tolerance
+
+
 def measured_budget(budget: Budget, analysis: GroupAnalysis, plan: PruningPlan, measured_fraction: float) -> Budget:
     """`budget` whose latency table has the delivered `plan`'s time, measured on the device as a fraction of its
     dense model's, among its calibration points (`cut.latency.with_measured_plan`): planned again, the
@@ -208,4 +215,4 @@ def measured_budget(budget: Budget, analysis: GroupAnalysis, plan: PruningPlan, 
     return replace(budget, latency_table=with_measured_plan(budget.latency_table, analysis, plan, measured_fraction))
 
 
-__all__ = ["BaseModel", "Build", "PlanBook", "latency_error", "measured_budget", "over_latency"]
+__all__ = ["BaseModel", "Build", "PlanBook", "latency_error", "measured_budget", "off_latency", "over_latency"]

@@ -421,6 +421,22 @@ def test_a_measured_plan_joins_the_calibration_in_order_and_replaces_one_at_its_
     assert L.LatencyTable.from_dict(json.loads(full.to_json())) == full
 
 
+def test_a_measured_plan_overrules_the_points_it_contradicts_but_not_the_dense_probe(model, analysis):
+    """A plan measured faster than a probe of smaller sum lowers that probe to it (else the non-decreasing
+    calibration would raise the plan back up, and a device under budget could never get a wider plan); one
+    measured slower than a probe of larger sum raises it; the dense probe, which every fraction divides by, stays."""
+    table = dataclasses.replace(macs_table(model, analysis), calibration=((1.0, 1.1), (3.0, 3.2), (9.0, 9.9)),
+                                probes=(0.3, 0.5, 1.0))
+    faster = L.with_measured_point(table, 4.0, 2.5)
+    assert faster.calibration == ((1.0, 1.1), (3.0, 2.5), (4.0, 2.5), (9.0, 9.9))
+    assert L.latency_cost(analysis, faster).calibrate(4.0) == pytest.approx(2.5)
+    assert L.latency_cost(analysis, table).calibrate(4.0) > 3.2  # before: the probe held it above 3.2
+    slower = L.with_measured_point(table, 2.0, 3.5)
+    assert slower.calibration == ((1.0, 1.1), (2.0, 3.5), (3.0, 3.5), (9.0, 9.9))
+    beyond_dense = L.with_measured_point(table, 8.0, 10.5)
+    assert beyond_dense.calibration[-1] == (9.0, 9.9) and beyond_dense.probes[-1] == 1.0
+
+
 def _fake_timing(monkeypatch, slowdown):
     """Export writes the model's MACs; timing returns dense 1 ms and each plan slowdown(its MAC fraction)."""
     import cut.export
@@ -460,24 +476,50 @@ def test_check_plan_corrects_the_calibration_until_the_plan_measures_within_tole
         assert fake[-1] < fake[0]
 
 
-def test_the_server_plans_again_a_device_whose_delivered_model_measured_over_its_budget(tmp_path, model, monkeypatch):
-    """server.app.recheck_latency with the exchange faked: the device's deliver reply timed its model 25% over
-    its fraction; the measurement joins its table, it gets a faster plan, delivered again, and then it fits."""
+def latency_device(tmp_path, model, monkeypatch, fraction=0.6):
+    """One device with a latency budget of `fraction`, planned by the server; the exchange faked. Returns
+    (app module, ledger, its record, book, base, aggregated, settings, deliveries: the node sets delivered to)."""
     import server.app as app
     from cut.messages import Budget, TaskProfile
     from server.ledger import Ledger
-    from server.planning import PlanBook, measured_budget, over_latency
+    from server.planning import PlanBook
     from server.settings import load_settings
 
     base, tasks, table, aggregated = server_base(tmp_path, model)
-    analysis = base.analysis(tasks)
     settings = load_settings("default")
     book = PlanBook(base, BudgetOptions(round_to=4, min_channels=4))
     ledger = Ledger([7])
     record = ledger.records[7]
     record.device_id, record.tasks = "phone", tasks
-    record.profile = TaskProfile("phone", tasks, Budget("latency", 0.6, latency_table=table))
+    record.profile = TaskProfile("phone", tasks, Budget("latency", fraction, latency_table=table))
     assert app.plan_device(record, ledger, settings, base, book, aggregated)
+    deliveries = []
+    monkeypatch.setattr(app, "recover_plans", lambda *a, **k: {})
+    return app, ledger, record, book, base, aggregated, settings, deliveries
+
+
+def device_times(book, deliveries, slowdown):
+    """A fake deliver: the device times each model it receives at `slowdown(plan)` x its table's prediction."""
+    def deliver(grid, ledger, settings, book_, only=None):
+        deliveries.append(set(only))
+        for r in ledger.active():
+            plan = book.builds[r.plan_hash].plan
+            r.sizes["latency_ms"] = slowdown(plan) * plan.achieved["latency_ratio_predicted"]
+    return deliver
+
+
+def kept_channels(plan) -> int:
+    return sum(map(len, plan.keep.values()))
+
+
+def test_the_server_plans_again_a_device_whose_delivered_model_measured_over_its_budget(tmp_path, model, monkeypatch):
+    """server.app.recheck_latency: the device's deliver reply timed its model 25% over its fraction; the
+    measurement joins its table, it gets a faster plan, delivered again, and then it fits."""
+    from cut.messages import Budget
+    from server.planning import measured_budget, over_latency
+
+    app, ledger, record, book, base, aggregated, settings, deliveries = latency_device(tmp_path, model, monkeypatch)
+    analysis = base.analysis(record.tasks)
     first = book.builds[record.plan_hash].plan
     predicted = first.achieved["latency_ratio_predicted"]
     record.sizes.update(latency_ms=1.25 * predicted, latency_dense_ms=1.0)  # the device: 25% slower than its table
@@ -486,19 +528,47 @@ def test_the_server_plans_again_a_device_whose_delivered_model_measured_over_its
     corrected = measured_budget(record.profile.budget, analysis, first, 1.25 * predicted)
     assert L.latency_cost(analysis, corrected.latency_table).predict_ms(
         analysis.cost.counts_vector({g: len(k) for g, k in first.keep.items()})) == pytest.approx(
-        1.25 * predicted * table.dense_ms, rel=1e-4)  # the table now predicts what the device measured
+        1.25 * predicted * record.profile.budget.latency_table.dense_ms, rel=1e-4)  # it predicts what was measured
 
-    delivered = []
-
-    def fake_deliver(grid, ledger_, settings_, book_, only=None):
-        delivered.append(set(only))
-        for r in ledger_.active():  # the device times its new model as its corrected table predicts
-            r.sizes["latency_ms"] = book_.builds[r.plan_hash].plan.achieved["latency_ratio_predicted"]
-    monkeypatch.setattr(app, "deliver_models", fake_deliver)
-    monkeypatch.setattr(app, "recover_plans", lambda *a, **k: {})
+    # the device times its new model as its corrected table predicts
+    monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, lambda plan: 1.0))
     out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
-    assert out["rounds"] == 1 and out["replanned"] == 1 and out["over_at_end"] == 0 and delivered == [{7}]
-    assert record.plan_hash != first.plan_hash and record.ok
-    again = book.builds[record.plan_hash].plan
-    assert sum(map(len, again.keep.values())) < sum(map(len, first.keep.values()))  # fewer channels: faster
+    assert out["rounds"] == 1 and out["replanned"] == 1 and out["over_at_end"] == 0 and deliveries == [{7}]
+    assert record.plan_hash != first.plan_hash and record.ok and "reverted" not in out
+    assert kept_channels(book.builds[record.plan_hash].plan) < kept_channels(first)  # fewer channels: faster
     assert -1.0 in record.profile.budget.latency_table.probes
+
+
+def test_the_server_plans_again_a_device_whose_model_measured_well_under_its_budget(tmp_path, model, monkeypatch):
+    """Measured 40% faster than its table said: the device could run a wider model in its time, so it gets one
+    (more channels), and that one is not over its budget. (The small test model's only prunable step costs 9%
+    of its dense time, so a smaller miss leaves nothing to add.)"""
+    from server.planning import off_latency, over_latency
+
+    app, ledger, record, book, base, aggregated, settings, deliveries = latency_device(tmp_path, model, monkeypatch)
+    first = book.builds[record.plan_hash].plan
+    predicted = first.achieved["latency_ratio_predicted"]
+    record.sizes.update(latency_ms=0.6 * predicted, latency_dense_ms=1.0)
+    assert off_latency(record.profile.budget, 0.6 * predicted, 1.0)
+    assert not over_latency(record.profile.budget, 0.6 * predicted, 1.0)
+    assert not off_latency(record.profile.budget, 0.6 * 1.02, 1.0) and not off_latency(record.profile.budget, 0.59, 1.0)
+    monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, lambda plan: 0.6))
+    out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
+    assert out["replanned"] >= 1 and out["over_at_end"] == 0 and deliveries[0] == {7}, out
+    assert kept_channels(book.builds[record.plan_hash].plan) > kept_channels(first)  # more channels in its time
+    assert record.sizes["latency_ms"] <= 0.6 * (1 + L.CHECK_TOLERANCE)
+
+
+def test_a_device_whose_new_plan_measured_over_gets_back_the_earlier_plan_that_fitted(tmp_path, model, monkeypatch):
+    """The first plan measured 40% under; every wider plan measures 2x what its table says: after the checks the
+    device holds the first plan again (delivered again), not a plan over its budget."""
+    app, ledger, record, book, base, aggregated, settings, deliveries = latency_device(tmp_path, model, monkeypatch)
+    first = book.builds[record.plan_hash].plan
+    predicted = first.achieved["latency_ratio_predicted"]
+    record.sizes.update(latency_ms=0.6 * predicted, latency_dense_ms=1.0)
+    wider = lambda plan: 2.0 if kept_channels(plan) > kept_channels(first) else 0.6  # noqa: E731
+    monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, wider))
+    out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
+    assert out["replanned"] >= 1 and out["reverted"] == 1 and deliveries[-1] == {7}
+    assert record.plan_hash == first.plan_hash and out["over_at_end"] == 0
+    assert len(deliveries) == out["rounds"] + 1
