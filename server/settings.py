@@ -50,16 +50,19 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    """What data devices score on by default (protocol.phases.DataSpec); a real device's node config overrides."""
+    """What data devices score on by default (sent as protocol.phases.DataSpec); a real device's node config
+    overrides. The defaults are simulations/default.toml's, so a scenario that leaves [data] out still gives
+    every device enough held-out samples to evaluate on (EVALUATION.md: >= 48) and data other than the
+    base model's pre-training data (seed 1; pre-training uses seed 0)."""
 
     dataset: str = ""
     dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
-    samples_per_device: int = Field(DataSpec.samples_per_device, ge=2)
+    samples_per_device: int = Field(160, ge=2)
     partition: Literal["iid", "dirichlet"] = DataSpec.partition
     alpha: float = Field(DataSpec.alpha, gt=0)
-    min_samples: int = Field(DataSpec.min_samples, ge=1)
-    eval_fraction: float = Field(DataSpec.eval_fraction, gt=0, lt=1)
-    seed: int = DataSpec.seed
+    min_samples: int = Field(96, ge=1)
+    eval_fraction: float = Field(0.5, gt=0, lt=1)
+    seed: int = 1
 
     def spec(self) -> DataSpec:
         return DataSpec(**self.model_dump())

@@ -47,6 +47,13 @@ def test_an_empty_file_and_empty_sections_give_every_default(tmp_path, text):
         assert getattr(parsed, section) == default, section
 
 
+def test_the_shipped_default_scenario_states_the_defaults(tmp_path):
+    """simulations/default.toml says its values are the defaults: a scenario that leaves every key out gets the
+    same settings (a file without [data] once gave devices 6-22 held-out samples and the pre-training seed)."""
+    empty = load_settings(write(tmp_path, "", name="default.toml"))
+    assert empty == load_settings("default")
+
+
 def test_section_defaults(tmp_path):
     """The documented defaults; those a device also uses come from protocol.phases (defined once)."""
     settings = load_settings(write(tmp_path, "", name="my-scenario.toml"))
@@ -55,7 +62,9 @@ def test_section_defaults(tmp_path):
     assert (settings.devices, settings.seed, settings.min_devices, settings.max_in_flight) == (20, 0, 1, 256)
     assert settings.base_model_dir == Path("runs/pretrained-scenes") and settings.transport == ScoreConfig.transport
     assert settings.out_dir == Path("runs") / "simulate" and settings.resume is False
-    assert settings.data == DataSpec()  # [data] defaults are the DataSpec devices use
+    d = settings.data  # default.toml's: >= 48 held-out samples per device, not the pre-training seed (0)
+    assert (d.samples_per_device, d.min_samples, d.eval_fraction, d.seed) == (160, 96, 0.5, 1)
+    assert (d.partition, d.alpha) == (DataSpec.partition, DataSpec.alpha)
     s = settings.scoring
     assert (s.criterion, s.num_batches, s.batch_size, s.dtype) == ("fisher", 2, 16, ScoreConfig.dtype)
     assert (s.aggregation, s.clip_norm, s.noise_multiplier, s.dp_delta) == ("weighted-mean", 0.0, 0.0, 1e-5)
