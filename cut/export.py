@@ -17,6 +17,11 @@ rather than a Resize node: the same bilinear weights, and on onnxruntime's CPU p
 faster at 64x64 (15 vs 70 us for 8 classes), 4.0x at 256x256, 1.9x at 512x512. With the Shape arithmetic
 the traced `size=x.shape[-2:]` brought, that was 9% of the default seg+depth model's time (1.106 -> 1.006
 ms), a fixed cost every compact model paid alike (benchmarks/bench_resize.py, BENCHMARKS.md).
+
+The dense heads are exported fused (`FusedDenseHeads`): every head's branches with the same dilation as one
+conv, one 1x1 classifier conv per dilation for all heads, one resize for all dense outputs. The outputs are
+the model's own (to float rounding: parity is checked); a pruned model's heads, thin convs that ran at a
+fraction of a wide conv's MACs per second, run as wide ones (benchmarks/bench_fused_heads.py).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from cut.models import MultiTaskModel, count_macs, count_params
 INPUT_NAME = "image"
 MIN_OPSET = 17
 PARITY_TOLERANCE = 1e-4
-GRAPH_REVISION = 2  # bumped when the exported graph changes (cached latency tables key on it); 2: MatmulResize
+GRAPH_REVISION = 3  # bumped when the exported graph changes (cached latency tables key on it); 2: MatmulResize;
+# 3: FusedDenseHeads
 
 # How each dataset turns 8-bit pixels into the network's input, per channel c in `colour` order:
 #     x[c] = (pixel[c] * scale - mean[c]) / std[c]
@@ -85,32 +91,147 @@ class MatmulResize(nn.Module):
         return torch.matmul(self.rows, torch.matmul(y, self.cols))
 
 
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of conv followed by eval-mode BatchNorm as one conv."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+def _branch_layout(branch: nn.Module) -> tuple | None:
+    """The conv settings of a DenseHead branch (conv -> BN -> ReLU -> 1x1 conv), or None if it is not one."""
+    parts = list(branch.children()) if isinstance(branch, nn.Sequential) else []
+    if (len(parts) != 4 or not isinstance(parts[0], nn.Conv2d) or not isinstance(parts[1], nn.BatchNorm2d)
+            or not isinstance(parts[2], nn.ReLU) or not isinstance(parts[3], nn.Conv2d)
+            or parts[3].kernel_size != (1, 1) or parts[3].stride != (1, 1) or parts[0].groups != 1
+            or parts[3].groups != 1 or parts[0].padding_mode != "zeros"):
+        return None
+    c = parts[0]
+    return c.in_channels, c.kernel_size, c.stride, c.padding, c.dilation
+
+
+class FusedDenseHeads(nn.Module):
+    """Every dense head of a model as one computation, for the exported graph: the same outputs (to float
+    rounding) from fewer, wider convs.
+
+    Each head is a sum of branches conv(dilation d) -> BN -> ReLU -> 1x1 conv, all reading the backbone's
+    features. Branches of any head with the same conv settings become one conv (BN folded in) whose output
+    channels are theirs side by side; each fused conv gets one 1x1 conv to every head's outputs (a head's
+    rows read only its own branches' channels, zeros elsewhere), and their sum is every head's sum of
+    branches at once; one `MatmulResize` resizes every dense output together, split per task at the end. A
+    pruned head's thin branches are where a compact model ran slowest per MAC; side by side they run as one
+    wider conv.
+    """
+
+    def __init__(self, heads: dict[str, nn.Module], in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.names = list(heads)
+        layouts: list[tuple] = []
+        weights: dict[tuple, list[torch.Tensor]] = {}
+        biases: dict[tuple, list[torch.Tensor]] = {}
+        hidden: dict[str, list[tuple[tuple, int, int]]] = {n: [] for n in self.names}  # (layout, start, count)
+        for name, head in heads.items():
+            for branch in head.branches:
+                layout = _branch_layout(branch)
+                if layout not in weights:
+                    layouts.append(layout)
+                    weights[layout], biases[layout] = [], []
+                w, b = _folded(branch[0], branch[1])
+                start = sum(x.shape[0] for x in weights[layout])
+                weights[layout].append(w)
+                biases[layout].append(b)
+                hidden[name].append((layout, start, w.shape[0]))
+        self.convs = nn.ModuleList()
+        for layout in layouts:
+            cin, kernel, stride, padding, dilation = layout
+            w, b = torch.cat(weights[layout]), torch.cat(biases[layout])
+            conv = nn.Conv2d(cin, w.shape[0], kernel, stride, padding, dilation)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+            self.convs.append(conv)
+        self.sizes = [int(head.branches[0][3].out_channels) for head in heads.values()]
+        self.classify = nn.ModuleList()  # per fused conv: 1x1 from its hidden channels to every head's outputs
+        for conv in self.convs:
+            classify = nn.Conv2d(conv.out_channels, sum(self.sizes), 1, bias=not len(self.classify))
+            nn.init.zeros_(classify.weight)
+            self.classify.append(classify)
+        first = self.classify[0]
+        nn.init.zeros_(first.bias)
+        row = 0
+        for name, head, size in zip(self.names, heads.values(), self.sizes, strict=True):
+            for branch, (layout, start, count) in zip(head.branches, hidden[name], strict=True):
+                classify = self.classify[layouts.index(layout)]
+                classify.weight.data[row:row + size, start:start + count] = branch[3].weight.data
+                if branch[3].bias is not None:
+                    first.bias.data[row:row + size] += branch[3].bias.data
+            row += size
+        self.resize = MatmulResize(in_hw, out_hw)
+
+    @staticmethod
+    def fusable(heads: dict[str, nn.Module]) -> bool:
+        """Whether every head is a sum of branches this class can fuse (each with the same output count)."""
+        for head in heads.values():
+            branches = getattr(head, "branches", None)
+            if not isinstance(branches, nn.ModuleList) or not len(branches):
+                return False
+            if any(_branch_layout(b) is None for b in branches):
+                return False
+            if len({b[3].out_channels for b in branches}) != 1:
+                return False
+        return bool(heads)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = None
+        for conv, classify in zip(self.convs, self.classify, strict=True):
+            y = classify(torch.relu(conv(features)))
+            out = y if out is None else out + y
+        out = self.resize(out)
+        if len(self.names) == 1:
+            return {self.names[0]: out}
+        return dict(zip(self.names, torch.split(out, self.sizes, dim=1), strict=True))
+
+
 class _TupleOutputs(nn.Module):
     """ONNX export needs a fixed output order: the dict output becomes a tuple in task order.
 
     With `example` (a MultiTaskModel and the export's input), dense outputs are resized by `MatmulResize`
-    instead of the model's own F.interpolate; without it (ExecuTorch: XNNPACK has its own resize, custom
-    models) the model's forward runs as it is.
+    instead of the model's own F.interpolate, and the dense heads run fused (`FusedDenseHeads`) where they
+    are the model's own kind; without it (ExecuTorch: XNNPACK has its own resize, custom models) the
+    model's forward runs as it is.
     """
 
-    def __init__(self, model: MultiTaskModel, example: torch.Tensor | None = None) -> None:
+    def __init__(self, model: MultiTaskModel, example: torch.Tensor | None = None, fuse_heads: bool = True) -> None:
         super().__init__()
         self.model = model
         self.names = list(model.task_names)
         self.resize = nn.ModuleDict()
+        self.fused: FusedDenseHeads | None = None
         self.raw = example is not None and callable(getattr(model, "head_outputs", None))
         if self.raw:
             with torch.no_grad():
                 raw = model.head_outputs(example)
+            standard = isinstance(model, MultiTaskModel) and type(model).head_outputs is MultiTaskModel.head_outputs
+            dense = {n: model.heads[n] for n, y in raw.items() if y.dim() == 4} if standard and fuse_heads else {}
+            in_hw = {tuple(raw[n].shape[-2:]) for n in dense}
+            if len(in_hw) == 1 and FusedDenseHeads.fusable(dense):
+                with torch.no_grad():
+                    self.fused = FusedDenseHeads(dense, in_hw.pop(), tuple(example.shape[-2:]))
             for name, y in raw.items():
-                if y.dim() == 4:
+                if y.dim() == 4 and (self.fused is None or name not in self.fused.names):
                     self.resize[name] = MatmulResize(tuple(y.shape[-2:]), tuple(example.shape[-2:]))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.raw:
             out = self.model(image)
             return tuple(out[n] for n in self.names)
-        out = self.model.head_outputs(image)
+        if self.fused is None:
+            out = self.model.head_outputs(image)
+        else:
+            features = self.model.backbone(image)
+            out = self.fused(features)
+            out.update({n: self.model.heads[n](features) for n in self.names if n not in out})
         return tuple(self.resize[n](out[n]) if n in self.resize else out[n] for n in self.names)
 
 
@@ -146,10 +267,13 @@ def export_onnx(
     dynamic_batch: bool = True,
     card: dict[str, Any] | None = None,
     dataset: str | None = None,
+    fuse_heads: bool = True,
 ) -> dict[str, Any]:
     """Write `path` (ONNX, one output per task) and its sidecar; returns the sidecar dict.
 
     `card` (a model card, see cut.checkpoint) supplies the dataset and provenance; `dataset` overrides it.
+    `fuse_heads=False` exports every head as its own convs (`FusedDenseHeads` is the default: the same
+    outputs, faster; the switch is for comparing the two).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: use {MIN_OPSET} or newer")
@@ -157,7 +281,7 @@ def export_onnx(
     cfg = model.config
     names = list(model.task_names)
     example = torch.zeros(batch, cfg.in_channels, *cfg.input_size)
-    wrapper = _TupleOutputs(copy.deepcopy(model).eval(), example).eval()
+    wrapper = _TupleOutputs(copy.deepcopy(model).eval(), example, fuse_heads).eval()
     axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
     tmp = path.with_name(f".{path.name}.tmp")
     try:

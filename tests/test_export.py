@@ -127,6 +127,79 @@ def test_exported_graph_resizes_by_matmul_with_no_shape_arithmetic(tmp_path):
         assert np.abs(out - expected[name].numpy()).max() < PARITY_TOLERANCE
 
 
+def _random_batchnorm(model):
+    """BatchNorm statistics and affine terms away from their initial values, so folding them is exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def _pruned(model):
+    """`model` with every channel group cut to its own width (1/4 to 3/4 of it, multiples of 4): head branches
+    of different widths."""
+    from cut.compact import compact_model
+    from cut.groups import analyse
+    from cut.planner import plan_from_counts
+
+    analysis = analyse(model)
+    counts = {g.name: max(4, g.size * (1 + i % 3) // 16 * 4) for i, g in enumerate(analysis.groups)}
+    plan = plan_from_counts({g.name: np.zeros(g.size) for g in analysis.groups}, counts, analysis, "params", 1.0,
+                            tasks=tuple(model.task_names))
+    return compact_model(model, plan).eval()
+
+
+@pytest.mark.parametrize("tasks", [("seg", "depth", "normals"), ("seg", "depth"), ("normals",),
+                                   ("seg", "kind", "depth")])
+def test_the_export_runs_every_dense_head_as_one_fused_computation_with_the_same_outputs(tmp_path, tasks):
+    """Branches of every dense head with the same conv settings run as one conv (BN folded), their classifiers
+    as one 1x1 conv per fused conv, every dense output resized at once: fewer, wider convs, the same outputs,
+    for dense and pruned models (whose branches have different widths); a classification head runs as it is."""
+    from cut.export import FusedDenseHeads, _TupleOutputs
+
+    torch.manual_seed(0)
+    config = ModelConfig(tasks=scene_tasks() + (TaskSpec("kind", "classification", num_classes=4),), width=0.125,
+                         input_size=(32, 32), head_hidden=16)
+    full = _random_batchnorm(build_model(config))
+    for model in (full.decompose(list(tasks)).eval(), _pruned(full.decompose(list(tasks)).eval())):
+        dense = [t for t in tasks if t != "kind"]
+        x = torch.randn(2, 3, 32, 32)
+        wrapper = _TupleOutputs(model, x[:1]).eval()
+        assert isinstance(wrapper.fused, FusedDenseHeads) and wrapper.fused.names == dense
+        assert len(wrapper.fused.convs) == len(config.head_dilations)  # one conv per dilation, whatever the tasks
+        widths = {b[0].out_channels for t in dense for b in model.heads[t].branches}
+        assert [c.out_channels for c in wrapper.fused.convs] == [
+            sum(model.heads[t].branches[i][0].out_channels for t in dense) for i in range(len(config.head_dilations))]
+        with torch.no_grad():
+            want, got = model(x), wrapper(x)
+        for name, out in zip(model.task_names, got, strict=True):
+            assert out.shape == want[name].shape and torch.allclose(out, want[name], atol=1e-5), name
+        path = tmp_path / "m.onnx"
+        export_onnx(model, path)
+        assert check_parity(model, path, n=3) <= PARITY_TOLERANCE
+        convs = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+        backbone = sum(isinstance(m, torch.nn.Conv2d) for m in model.backbone.modules())
+        assert convs == backbone + 2 * len(config.head_dilations)  # not 2 per branch of every head
+    assert len(widths) > 1 or len(dense) == 1  # the pruned model's branches differ in width
+
+
+def test_a_custom_head_is_exported_unfused(tmp_path):
+    """Heads that are not sums of conv -> BN -> ReLU -> 1x1 branches run as the model defines them."""
+    from cut.export import FusedDenseHeads, _TupleOutputs
+
+    model = scenes_model().decompose(["seg", "depth"])
+    model.heads["depth"].branches[0][2] = torch.nn.Sigmoid()
+    wrapper = _TupleOutputs(model, torch.zeros(1, 3, 32, 32))
+    assert wrapper.fused is None and not FusedDenseHeads.fusable(dict(model.heads))
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    assert check_parity(model, path, n=2) <= PARITY_TOLERANCE
+
+
 def test_grey_classification_export(tmp_path):
     model = fashion_model()
     path = tmp_path / "fashion.onnx"
