@@ -375,8 +375,9 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
     (their deliver reply's timing): the measurement joins their table's calibration
     (server.planning.measured_budget), they are planned again, the new plans recovered and delivered, at most
     `planning.latency_checks` times. Over budget breaks the budget; under it gives away accuracy the budget
-    allows. A device whose last plan measured over but an earlier one within ends with the earlier one (of those
-    within, the one measured closest to the budget), delivered again: as `cut.latency.check_plan` chooses."""
+    allows. A device whose last plan measured over ends with the earlier plan measured closest to the budget
+    within it, or if none was within, the one measured least over, delivered again: as
+    `cut.latency.check_plan` chooses."""
     out = {"rounds": 0, "replanned": 0, "over_at_end": 0}
     tried: dict[int, dict[str, float]] = {}  # node -> plan hash -> its measured error (measured / asked - 1)
     for _ in range(settings.planning.latency_checks):
@@ -414,18 +415,24 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
 
 
 def revert_over_latency(ledger: Ledger, book: PlanBook, tried: Mapping[int, Mapping[str, float]]) -> set[int]:
-    """Devices that measured their last plan over budget and an earlier one within it: back to the earlier one
-    measured closest to the budget (its build is in the book, recovered). Returns their node ids."""
+    """Devices that measured their last plan over budget: back to the earlier plan measured closest to the
+    budget within it or, if every plan they were given measured over, to the one measured least over (as
+    `cut.latency.check_plan` chooses; its build is in the book, recovered). Returns their node ids."""
     reverted = set()
     for node_id, errors in tried.items():
         record = ledger.records[node_id]
         if not record.ok or not measured_over_latency(record):
             continue
-        within = {h: e for h, e in errors.items() if e <= CHECK_TOLERANCE and h in book.builds}
+        earlier = {h: e for h, e in errors.items() if h in book.builds and h != record.plan_hash}
+        within = {h: e for h, e in earlier.items() if e <= CHECK_TOLERANCE}
         if within:
             best = max(within, key=within.get)
-            record.plan_hash, record.achieved = best, dict(book.builds[best].plan.achieved)
-            reverted.add(node_id)
+        elif earlier and min(earlier.values()) < measured_latency_error(record):
+            best = min(earlier, key=earlier.get)
+        else:
+            continue
+        record.plan_hash, record.achieved = best, dict(book.builds[best].plan.achieved)
+        reverted.add(node_id)
     return reverted
 
 

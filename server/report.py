@@ -298,7 +298,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{latency['max']:+.1%}, n={latency['n']}); re-planned more than 3% off budget: "
                      f"{checks.get('replanned', 0)} time(s) in {checks.get('rounds', 0)} round(s) "
                      f"({checks.get('recovered', 0)} new plan(s) recovered in {checks.get('seconds_recovery', 0.0):.0f} s"
-                     f", {checks.get('reverted', 0)} device(s) back to an earlier plan that fitted), "
+                     f", {checks.get('reverted', 0)} device(s) back to an earlier plan that fitted or was less over), "
                      f"{checks.get('over_at_end', 0)} device(s) still more than 3% over, "
                      f"{checks.get('under_at_end', 0)} more than 3% under.")
     when = "as delivered" if not s["finetune_rounds"] else f"after {s['finetune_rounds']} fine-tune round(s)"

@@ -137,7 +137,7 @@ class PlanningSettings(Section):
                                                       "with that measurement in its table, recovered and "
                                                       "delivered again, at most this many times (0: never); one "
                                                       "whose last plan measured over ends with the earlier plan "
-                                                      "that fitted, if any")
+                                                      "that fitted, else the one least over")
 
 
 class RecoverySettings(Section):

@@ -572,3 +572,19 @@ def test_a_device_whose_new_plan_measured_over_gets_back_the_earlier_plan_that_f
     assert out["replanned"] >= 1 and out["reverted"] == 1 and deliveries[-1] == {7}
     assert record.plan_hash == first.plan_hash and out["over_at_end"] == 0
     assert len(deliveries) == out["rounds"] + 1
+
+
+def test_a_device_whose_every_plan_measured_over_ends_with_the_one_least_over(tmp_path, model, monkeypatch):
+    """The first plan measured 20% over its table's prediction, every faster plan twice its prediction: no plan
+    fits, so after the checks the device holds the plan measured least over (as cut.latency.check_plan keeps),
+    delivered again, and is still counted over."""
+    app, ledger, record, book, base, aggregated, settings, deliveries = latency_device(tmp_path, model, monkeypatch)
+    first = book.builds[record.plan_hash].plan
+    predicted = first.achieved["latency_ratio_predicted"]
+    record.sizes.update(latency_ms=1.2 * predicted, latency_dense_ms=1.0)
+    slower = lambda plan: 1.2 if plan.plan_hash == first.plan_hash else 2.0  # noqa: E731
+    monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, slower))
+    out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
+    assert out["replanned"] >= 1 and out["reverted"] == 1 and deliveries[-1] == {7}
+    assert record.plan_hash == first.plan_hash and out["over_at_end"] == 1
+    assert record.sizes["latency_ms"] == pytest.approx(1.2 * predicted)
