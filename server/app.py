@@ -371,8 +371,8 @@ def device_plan(prof, record: DeviceRecord, settings: Settings, book: PlanBook, 
 
 def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseModel, book: PlanBook,
                     aggregated: TaskScores, state: RunState | None) -> dict:
-    """Devices whose delivered model measured off their latency budget by more than the tolerance, either way
-    (their deliver reply's timing): the measurement joins their table's calibration
+    """Devices whose delivered model measured more than 3% over their latency budget or more than 6% under it
+    (server.planning.off_latency; their deliver reply's timing): the measurement joins their table's calibration
     (server.planning.measured_budget), they are planned again, the new plans recovered and delivered, at most
     `planning.latency_checks` times. Over budget breaks the budget; under it gives away accuracy the budget
     allows. A device whose last plan measured over ends with the earlier plan measured closest to the budget

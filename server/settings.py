@@ -133,7 +133,7 @@ class PlanningSettings(Section):
     min_channels: int = Field(8, ge=1)
     min_fraction: float = Field(0.25, ge=0, le=1)
     latency_checks: int = Field(2, ge=0, description="a device whose delivered model measured off its latency "
-                                                      "budget (by more than 3%, over or under) is planned again "
+                                                      "budget (more than 3% over or 6% under) is planned again "
                                                       "with that measurement in its table, recovered and "
                                                       "delivered again, at most this many times (0: never); one "
                                                       "whose last plan measured over ends with the earlier plan "

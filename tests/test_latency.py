@@ -552,6 +552,8 @@ def test_the_server_plans_again_a_device_whose_model_measured_well_under_its_bud
     assert off_latency(record.profile.budget, 0.6 * predicted, 1.0)
     assert not over_latency(record.profile.budget, 0.6 * predicted, 1.0)
     assert not off_latency(record.profile.budget, 0.6 * 1.02, 1.0) and not off_latency(record.profile.budget, 0.59, 1.0)
+    assert not off_latency(record.profile.budget, 0.6 * 0.95, 1.0)  # 5% under: within a device's timing noise
+    assert off_latency(record.profile.budget, 0.6 * 0.93, 1.0) and off_latency(record.profile.budget, 0.6 * 1.04, 1.0)
     monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, lambda plan: 0.6))
     out = app.recheck_latency(None, ledger, settings, base, book, aggregated, None)
     assert out["replanned"] >= 1 and out["over_at_end"] == 0 and deliveries[0] == {7}, out
