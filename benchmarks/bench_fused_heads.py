@@ -15,7 +15,6 @@ reduction against the dense model exported the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,8 +22,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py
-from model_data import load_model_and_data  # benchmarks/model_data.py
+from machine import cpu_model, write_result  # benchmarks/machine.py
+from model_data import dense_and_plans  # benchmarks/model_data.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,35 +40,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused_heads"))
     args = p.parse_args()
 
-    import torch
-
-    torch.set_num_threads(1)
-    from cut.budget import BudgetOptions
-    from cut.compact import compact_model
     from cut.export import INPUT_NAME, export_onnx
-    from cut.groups import analyse
-    from cut.importance import score_tasks
     from cut.infer import cpu_session
-    from cut.latency import interleaved_ms, table_for
+    from cut.latency import interleaved_ms
     from cut.models import count_macs
-    from cut.pipeline import RecoveryConfig, seed_data
-    from cut.planner import plan_from_scores
 
     start = time.perf_counter()
-    base, card, train, _ = load_model_and_data(args.model, 256, 1)
     tasks = args.tasks.split(",")
-    dense = base.decompose(tasks).eval()
-    analysis = analyse(dense)
-    data = seed_data(train, 0, 32, 4, RecoveryConfig(steps=1, batch_size=32))
-    per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
-    options = BudgetOptions()
-    if args.kind == "latency":
-        options = BudgetOptions(latency=table_for(dense, card["weights_sha256"], refresh=not args.cached_table))
-    budgets = [float(b) for b in args.budgets.split(",")]
-    models = [("dense", dense)] + [
-        (f"{args.kind}={f}", compact_model(dense, plan_from_scores(per_task, analysis, args.kind, f, options=options,
-                                                                   method="cut")).eval())
-        for f in budgets]
+    _, models = dense_and_plans(args.model, tasks, [float(b) for b in args.budgets.split(",")], args.kind,
+                                args.cached_table)
+    dense = models[0][1]
     example = np.random.default_rng(0).standard_normal((1, 3, *dense.config.input_size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         paths, diffs = [], []
@@ -97,12 +77,7 @@ def main() -> int:
         lines.append(f"| {r['model']} | {r['macs_ratio']:.3f} | {r['own_ms']:.3f} | {r['fused_ms']:.3f} | "
                      f"{r['fused_over_own']:.3f} | {r['ratio_own']:.2f} | {r['ratio_fused']:.2f} | "
                      f"{r['max_diff']:.1e} |")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"date": str(date.today()), "machine": cpu_model(),
-                                                         "tasks": tasks, "kind": args.kind, "rows": rows}, indent=1))
+    write_result(args.out, "\n".join(lines), {"tasks": tasks, "kind": args.kind, "rows": rows})
     return 0
 
 

@@ -24,8 +24,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model  # benchmarks/machine.py
-from model_data import load_model_and_data  # benchmarks/model_data.py
+from machine import cpu_model, write_result  # benchmarks/machine.py
+from model_data import dense_and_plans  # benchmarks/model_data.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,29 +100,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_breakdown"))
     args = p.parse_args()
 
-    import torch
-
-    torch.set_num_threads(1)
-    from cut.budget import BudgetOptions
-    from cut.compact import compact_model
     from cut.export import export_onnx
-    from cut.groups import analyse
-    from cut.importance import score_tasks
     from cut.latency import table_for
-    from cut.pipeline import RecoveryConfig, seed_data
-    from cut.planner import plan_from_scores
 
     start = time.perf_counter()
-    base, card, train, _ = load_model_and_data(args.model, 256, 1)
     tasks = args.tasks.split(",")
-    dense = base.decompose(tasks).eval()
-    data = seed_data(train, 0, 32, 4, RecoveryConfig(steps=1, batch_size=32))
-    per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
-    table = table_for(dense, card["weights_sha256"], refresh=not args.cached_table)
-    models = [("dense", dense)] + [
-        (f"latency={f}", compact_model(dense, plan_from_scores(per_task, analyse(dense), "latency", float(f),
-                                                               options=BudgetOptions(latency=table))).eval())
-        for f in args.budgets.split(",")]
+    card, models = dense_and_plans(args.model, tasks, [float(f) for f in args.budgets.split(",")], "latency",
+                                   args.cached_table)
+    dense = models[0][1]
+    table = table_for(dense, card["weights_sha256"])  # the one the plans used (cached by dense_and_plans)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models:
@@ -150,12 +136,7 @@ def main() -> int:
                      f"MAC reduction {macs / dense_macs / (us / dense_us):.2f}; stem + layer1 + layer2 + output "
                      f"{fixed:.0f} us = {fixed / us:.0%} of its time (dense: "
                      f"{sum(results['dense']['us'].get(s, 0.0) for s in ('stem', 'layer1', 'layer2', 'output')) / dense_us:.0%})")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"date": str(date.today()), "machine": cpu_model(),
-                                                         "tasks": tasks, "results": results}, indent=1))
+    write_result(args.out, "\n".join(lines), {"tasks": tasks, "results": results})
     return 0
 
 

@@ -14,3 +14,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_result(out: Path, text: str, payload: dict) -> None:
+    """Print a benchmark's table and keep it beside its data: `out`.md (the table) and `out`.json (the payload
+    with the date and this machine's CPU)."""
+    import json
+    from datetime import date
+
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"date": str(date.today()), "machine": cpu_model(), **payload},
+                                                   indent=1))

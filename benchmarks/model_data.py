@@ -26,3 +26,33 @@ def load_model_and_data(model_dir: Path, train_samples: int, test_samples: int, 
     train = Samples.from_dataset(get_dataset(card["dataset"], "train", num_samples=train_samples, **kwargs))
     test = Samples.from_dataset(get_dataset(card["dataset"], "test", num_samples=test_samples, **test_kwargs))
     return base, card, train, test
+
+
+def dense_and_plans(model_dir: Path, tasks: list[str], budgets: list[float], kind: str = "latency",
+                    cached_table: bool = False):
+    """(card, [(name, model)]): the decomposed dense model, then its compact models planned by `kind` (latency:
+    against the table measured now, or the cached one) for each budget, all from fisher scores on the same 4
+    batches of 32 train samples (method cut, as `cutfl prune`)."""
+    import torch
+
+    from cut.budget import BudgetOptions
+    from cut.compact import compact_model
+    from cut.groups import analyse
+    from cut.importance import score_tasks
+    from cut.latency import table_for
+    from cut.pipeline import RecoveryConfig, seed_data
+    from cut.planner import plan_from_scores
+
+    torch.set_num_threads(1)
+    base, card, train, _ = load_model_and_data(model_dir, 256, 1)
+    dense = base.decompose(tasks).eval()
+    data = seed_data(train, 0, 32, 4, RecoveryConfig(steps=1, batch_size=32))
+    per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
+    options = BudgetOptions()
+    if kind == "latency":
+        options = BudgetOptions(latency=table_for(dense, card["weights_sha256"], refresh=not cached_table))
+    analysis = analyse(dense)
+    return card, [("dense", dense)] + [
+        (f"{kind}={f}", compact_model(dense, plan_from_scores(per_task, analysis, kind, f, options=options,
+                                                              method="cut")).eval())
+        for f in budgets]
