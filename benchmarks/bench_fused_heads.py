@@ -47,8 +47,8 @@ def main() -> int:
 
     start = time.perf_counter()
     tasks = args.tasks.split(",")
-    _, models = dense_and_plans(args.model, tasks, [float(b) for b in args.budgets.split(",")], args.kind,
-                                args.cached_table)
+    _, _, models = dense_and_plans(args.model, tasks, [float(b) for b in args.budgets.split(",")], args.kind,
+                                   args.cached_table)
     dense = models[0][1]
     example = np.random.default_rng(0).standard_normal((1, 3, *dense.config.input_size)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -101,14 +101,12 @@ def main() -> int:
     args = p.parse_args()
 
     from cut.export import export_onnx
-    from cut.latency import table_for
 
     start = time.perf_counter()
     tasks = args.tasks.split(",")
-    card, models = dense_and_plans(args.model, tasks, [float(f) for f in args.budgets.split(",")], "latency",
-                                   args.cached_table)
+    _, table, models = dense_and_plans(args.model, tasks, [float(f) for f in args.budgets.split(",")], "latency",
+                                      args.cached_table)
     dense = models[0][1]
-    table = table_for(dense, card["weights_sha256"])  # the one the plans used (cached by dense_and_plans)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models:

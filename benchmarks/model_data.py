@@ -30,8 +30,8 @@ def load_model_and_data(model_dir: Path, train_samples: int, test_samples: int, 
 
 def dense_and_plans(model_dir: Path, tasks: list[str], budgets: list[float], kind: str = "latency",
                     cached_table: bool = False):
-    """(card, [(name, model)]): the decomposed dense model, then its compact models planned by `kind` (latency:
-    against the table measured now, or the cached one) for each budget, all from fisher scores on the same 4
+    """(card, table, [(name, model)]): the decomposed dense model, then its compact models planned by `kind`
+    (latency: against `table`, measured now or the cached one; None for other kinds) for each budget, all from fisher scores on the same 4
     batches of 32 train samples (method cut, as `cutfl prune`)."""
     import torch
 
@@ -48,11 +48,10 @@ def dense_and_plans(model_dir: Path, tasks: list[str], budgets: list[float], kin
     dense = base.decompose(tasks).eval()
     data = seed_data(train, 0, 32, 4, RecoveryConfig(steps=1, batch_size=32))
     per_task = score_tasks(dense, data.scoring, tasks, "fisher", len(data.scoring), 0)
-    options = BudgetOptions()
-    if kind == "latency":
-        options = BudgetOptions(latency=table_for(dense, card["weights_sha256"], refresh=not cached_table))
+    table = table_for(dense, card["weights_sha256"], refresh=not cached_table) if kind == "latency" else None
+    options = BudgetOptions(latency=table)
     analysis = analyse(dense)
-    return card, [("dense", dense)] + [
+    return card, table, [("dense", dense)] + [
         (f"{kind}={f}", compact_model(dense, plan_from_scores(per_task, analysis, kind, f, options=options,
                                                               method="cut")).eval())
         for f in budgets]

@@ -17,9 +17,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cut.latency import CHECK_TOLERANCE
 from cut.train import multitask_delta
 from server.ledger import OK, DeviceRecord, Ledger
-from server.planning import BaseModel, PlanBook, latency_error
+from server.planning import UNDER_TOLERANCE, BaseModel, PlanBook, latency_error
 from server.privacy import device_privacy, run_privacy
 from server.settings import Settings
 
@@ -295,12 +296,13 @@ def markdown(report: dict[str, Any]) -> str:
         checks = recovery.get("latency_checks") or {}
         lines.append(f"Latency budgets (timed on each device beside its dense model when its model arrived, against "
                      f"its budget): median error {latency['median']:+.1%} (min {latency['min']:+.1%}, max "
-                     f"{latency['max']:+.1%}, n={latency['n']}); re-planned more than 3% over or 6% under: "
+                     f"{latency['max']:+.1%}, n={latency['n']}); re-planned more than {CHECK_TOLERANCE:.0%} over or "
+                     f"{UNDER_TOLERANCE:.0%} under: "
                      f"{checks.get('replanned', 0)} time(s) in {checks.get('rounds', 0)} round(s) "
                      f"({checks.get('recovered', 0)} new plan(s) recovered in {checks.get('seconds_recovery', 0.0):.0f} s"
                      f", {checks.get('reverted', 0)} device(s) back to an earlier plan that fitted or was less over), "
-                     f"{checks.get('over_at_end', 0)} device(s) still more than 3% over, "
-                     f"{checks.get('under_at_end', 0)} more than 6% under.")
+                     f"{checks.get('over_at_end', 0)} device(s) still more than {CHECK_TOLERANCE:.0%} over, "
+                     f"{checks.get('under_at_end', 0)} more than {UNDER_TOLERANCE:.0%} under.")
     when = "as delivered" if not s["finetune_rounds"] else f"after {s['finetune_rounds']} fine-tune round(s)"
     if s["delta_m"]:
         lines.append(f"delta_m ({when}; per device, on its own held-out samples, against the dense model): "
