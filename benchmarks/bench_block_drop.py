@@ -64,7 +64,7 @@ def drop_blocks(model, blocks, batches):
     for name in blocks:
         means = []
         hook = model.get_submodule(name).bn2.register_forward_hook(
-            lambda m, i, out: means.append(out.mean(dim=(0, 2, 3)).detach()))
+            lambda m, i, out, means=means: means.append(out.mean(dim=(0, 2, 3)).detach()))
         with torch.no_grad():
             for images, _ in batches:
                 model(images)
