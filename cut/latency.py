@@ -67,6 +67,7 @@ PROBE_COPIES = 4  # copies of a layer in its probe graph
 SWEEPS = 3  # interleaved timing sweeps over every probe
 PROBES_AT_ONCE = 128  # probe sessions alive at a time (each holds `PROBE_COPIES` copies of a layer's weights)
 WHOLE_WARMUP = 5
+REPEATS = 3  # a plan timed beside its dense model: the median of this many interleaved timings (`timed_fraction`)
 PROBE_FRACTIONS = (1.0, 0.75, 0.5, 0.3, 0.15)  # whole-model probes for the calibration: dense and two thinned
 
 
@@ -518,6 +519,17 @@ def interleaved_ms(onnx_paths: Sequence[str | Path | bytes], threads: int = 1, r
     return [statistics.median(t) for t in times]
 
 
+def timed_fraction(dense_path: str | Path | bytes, plan_path: str | Path | bytes, threads: int = 1,
+                   repeats: int = REPEATS, rounds: int = 12, runs: int = 10) -> tuple[float, float]:
+    """(dense ms, plan ms) of a plan timed beside its dense model: of `repeats` interleaved timings, the one whose
+    plan / dense fraction is the median. The checks act on that fraction at a 3% tolerance, and one timing of it
+    moved by 1.1-1.5% (std), up to 4.4%, between timings on a 2-core host (benchmarks/bench_timing_noise.py)."""
+    pairs = sorted((interleaved_ms([dense_path, plan_path], threads, rounds, runs) for _ in range(max(1, repeats))),
+                   key=lambda pair: pair[1] / pair[0])
+    dense_ms, plan_ms = pairs[len(pairs) // 2]
+    return dense_ms, plan_ms
+
+
 def models_ms(models: Sequence, threads: int = 1, rounds: int = 12, runs: int = 10) -> list[float]:
     """Export each MultiTaskModel to a temporary ONNX file and time them interleaved (`interleaved_ms`)."""
     from cut.export import export_onnx
@@ -662,7 +674,7 @@ def check_plan(model, table: LatencyTable, plan_for, asked_fraction: float, thre
             kept = cost.counts_vector({g: len(k) for g, k in plan.keep.items()})
             path = Path(tmp) / f"plan{i}.onnx"
             export_onnx(compact_model(model, plan).eval(), path)
-            dense_ms, plan_ms = interleaved_ms([dense_path, path], threads, rounds=rounds, runs=runs)
+            dense_ms, plan_ms = timed_fraction(dense_path, path, threads, rounds=rounds, runs=runs)
             check = PlanCheck(cost.predict_ms(kept) / cost.predict_ms(cost.group_sizes), plan_ms / dense_ms, dense_ms)
             tried.append((table, plan, check))
             if abs(check.measured_fraction / asked_fraction - 1) <= tolerance:

@@ -465,7 +465,7 @@ def test_check_plan_corrects_the_calibration_until_the_plan_measures_within_tole
         return make_plan(fused, analysis, "latency", 0.5, BudgetOptions(latency=t))
 
     checked, plan, history = L.check_plan(model, table, plan_for, 0.5)
-    assert len(history) == len(fake) and (len(history) == 1 if checks == 1 else 2 <= len(history) <= checks)
+    assert len(fake) == L.REPEATS * len(history) and (len(history) == 1 if checks == 1 else 2 <= len(history) <= checks)
     assert history[0].predicted_fraction == pytest.approx(0.5, abs=0.05)
     assert history[-1].measured_fraction <= 0.5 * (1 + L.CHECK_TOLERANCE)
     assert history[-1].measured_fraction >= 0.5 * (1 - 2 * L.CHECK_TOLERANCE)
@@ -590,3 +590,17 @@ def test_a_device_whose_every_plan_measured_over_ends_with_the_one_least_over(tm
     assert out["replanned"] >= 1 and out["reverted"] == 1 and deliveries[-1] == {7}
     assert record.plan_hash == first.plan_hash and out["over_at_end"] == 1
     assert record.sizes["latency_ms"] == pytest.approx(1.2 * predicted)
+
+
+def test_timed_fraction_keeps_the_timing_of_median_fraction(monkeypatch):
+    timings = iter([[1.0, 0.56], [1.2, 0.60], [0.9, 0.54]])  # fractions 0.56, 0.50, 0.60
+    calls = []
+
+    def fake_ms(paths, threads=1, rounds=6, runs=8):
+        calls.append((tuple(paths), threads, rounds, runs))
+        return next(timings)
+    monkeypatch.setattr(L, "interleaved_ms", fake_ms)
+    assert L.timed_fraction("dense.onnx", "plan.onnx", 2, repeats=3) == (1.0, 0.56)
+    assert calls == [(("dense.onnx", "plan.onnx"), 2, 12, 10)] * 3
+    monkeypatch.setattr(L, "interleaved_ms", lambda *a, **k: [1.0, 0.7])
+    assert L.timed_fraction("d", "p", repeats=0) == (1.0, 0.7)  # at least one timing
