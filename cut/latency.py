@@ -24,7 +24,9 @@ Where the planning machine is the one that runs the model (`cutfl prune`), `chec
 whole beside the dense model before recovery and, while it measures off the asked fraction by more than
 `CHECK_TOLERANCE`, adds the measurement to the calibration and plans again (at most `MAX_CHECKS` plans): the
 uniform probes calibrate where uniform models land, and a plan that thins some groups far more than others can
-land elsewhere (on one host, plans at 0.5 measured 10-16% above the table's prediction).
+land elsewhere (on one host, plans at 0.5 measured 10-16% above the table's prediction; in the simulated fleet,
+three-task plans at 0.7 measured 7% below it). A measured plan scales the probes' curve around its sum by
+measured / predicted, fading to 1 at the dense model (`_corrected`): the probes keep the shape.
 
 `LatencyCost` turns a table into a cost model like `cut.groups.CostModel`: cost("latency", kept)
 interpolates every layer's time bilinearly at its kept (in, out) counts, sums them and maps the sum
@@ -57,6 +59,7 @@ import numpy as np
 TABLE_FORMAT = "cut-fl-latency/1"
 MAX_GRID = 6  # points per axis of a layer's grid
 MAX_CALIBRATION = 8  # calibration points: the whole-model probes and up to 3 measured plans (`check_plan`)
+MEASURED_PLAN = -1.0  # a calibration point's probe fraction when it is a measured plan, not a uniform probe
 MAX_LAYERS = 4096  # a table describes at most this many layers (wire bound, cut.messages)
 MIN_SAVING = 0.01  # a group saving less than this fraction of the dense time is not pruned for latency
 ROUND_CANDIDATES = (1, 2, 4, 8, 16, 32)
@@ -195,18 +198,44 @@ def _interp_axis(grid: np.ndarray, x: float) -> tuple[int, int, float]:
     return j, j + 1, (x - lo) / (hi - lo)  # below the first point: extrapolate linearly towards 0
 
 
+def _corrected(curve, sums: np.ndarray, plans: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration through the uniform probes (`curve` at `sums`), scaled by what measured plans say.
+
+    Each measured plan (sum, ms) gives a factor ms / curve(sum): how much faster or slower than the uniform
+    probes a plan of that sum ran. The factor is interpolated between the plans by sum, held below the lowest,
+    and fades to 1 at the largest probe (the dense model, whose time every fraction divides). The probes keep
+    the shape, the plans move it: inserting the plan as one more point instead made a near-vertical segment
+    wherever a plan landed near a probe it disagreed with, and planning again gave the same plan
+    (BENCHMARKS.md, the federation's latency checks, runs 7-8)."""
+    anchor = float(sums[-1])
+    at = [s for s, _ in plans]
+    factors = [ms / curve(s) for s, ms in plans]
+    knots = np.asarray(sorted({*map(float, sums), *at}), float)
+    scale = np.interp(knots, [*at, anchor], [*factors, 1.0])
+    # non-decreasing, and never above the dense model (a plan timed slower than it is noise, not a new anchor)
+    return knots, np.minimum(np.maximum.accumulate(np.asarray([curve(k) for k in knots]) * scale), curve(anchor))
+
+
 class LatencyCost:
     """A `cut.groups.CostModel` whose "latency" kind is the table's prediction (nanoseconds).
 
     Params and MACs (and everything else) come from the analytic cost model it wraps.
     """
 
-    def __init__(self, base, layers: Sequence[_Layer], calibration: Sequence[tuple[float, float]]) -> None:
+    def __init__(self, base, layers: Sequence[_Layer], calibration: Sequence[tuple[float, float]],
+                 probes: Sequence[float] = ()) -> None:
         self.base = base
         self.layers = list(layers)
-        points = sorted(calibration)
-        self.sums = np.asarray([p[0] for p in points], float)
-        self.measured = np.maximum.accumulate(np.asarray([p[1] for p in points], float))  # non-decreasing
+        flags = list(probes) if len(probes) == len(calibration) else [0.0] * len(calibration)
+        if all(f == MEASURED_PLAN for f in flags):  # no uniform probe to scale: take the points as they are
+            flags = [0.0] * len(flags)
+        points = sorted(zip(calibration, flags, strict=True))
+        uniform = [p for p, f in points if f != MEASURED_PLAN]
+        self.sums = np.asarray([p[0] for p in uniform], float)
+        self.measured = np.maximum.accumulate(np.asarray([p[1] for p in uniform], float))  # non-decreasing
+        plans = [p for p, f in points if f == MEASURED_PLAN and p[0] < self.sums[-1]]
+        if plans:
+            self.sums, self.measured = _corrected(self.calibrate, self.sums, plans)
 
     def __getattr__(self, name: str):
         return getattr(self.base, name)
@@ -284,7 +313,7 @@ def latency_cost(analysis, table: LatencyTable) -> LatencyCost:
     missing = sorted(set(groups) - {t.name for t in table.layers})
     if missing:
         raise ValueError(f"latency table has no timing for pruned layer(s) {missing[:5]}: measured on another model")
-    return LatencyCost(analysis.cost, layers, table.calibration)
+    return LatencyCost(analysis.cost, layers, table.calibration, table.probes)
 
 
 def no_saving_groups(cost: LatencyCost, min_keep_counts: Mapping[str, int], min_saving: float = MIN_SAVING
@@ -601,32 +630,22 @@ def with_measured_point(table: LatencyTable, sum_ms: float, measured_ms: float) 
     """`table` with (layer-time sum, measured whole-model ms) of a timed plan among its calibration points.
 
     The uniform probes calibrate the table where uniform models land; a plan thins some groups far more than
-    others, and its measured time corrects the calibration where plans land. A point at (within 1e-6 ms)
-    the sum of an existing one replaces it; beyond MAX_CALIBRATION points the measured-plan point nearest
-    in sum is dropped (probe fraction -1 marks measured plans).
-
-    The measurement is the newest word on the machine where plans land, so the points it contradicts yield
-    to it (the dense probe excepted: it anchors every fraction): one of smaller sum measured slower is lowered
-    to it, one of larger sum measured faster is raised to it. Without that, a plan measured faster than a
-    probe of smaller sum would be raised back to the probe (the calibration is non-decreasing) and a device
-    under its budget could never be given a wider plan."""
+    others, and its measured time says how far plans land from the probes: the cost model scales the probes'
+    curve by it (`_corrected`). A measured plan at (within 1e-6 ms) the sum of an existing point replaces it,
+    except the largest probe, the dense model (a plan that keeps everything is the dense model: nothing is
+    added); beyond MAX_CALIBRATION points the measured plan nearest in sum is dropped."""
     probes = list(table.probes) if len(table.probes) == len(table.calibration) else [0.0] * len(table.calibration)
-    measured_ms = float(measured_ms)
-
-    def yielded(a: float, b: float, f: float) -> float:
-        if f == 1.0:
-            return b
-        return min(b, measured_ms) if a < sum_ms else max(b, measured_ms)
-
-    points = [(round(float(a), 6), yielded(a, float(b), f), f) for (a, b), f in zip(table.calibration, probes,
-                                                                                     strict=True)
-              if abs(a - sum_ms) > 1e-6]
+    points = [(round(float(a), 6), float(b), f) for (a, b), f in zip(table.calibration, probes, strict=True)]
+    anchor = max(a for a, _, f in points if f != MEASURED_PLAN)
+    if sum_ms >= anchor - 1e-6:
+        return table
+    points = [p for p in points if abs(p[0] - sum_ms) > 1e-6]
     if len(points) >= MAX_CALIBRATION:
-        measured = [p for p in points if p[2] == -1.0]
+        measured = [p for p in points if p[2] == MEASURED_PLAN]
         if not measured:
             raise ValueError("latency table calibration is full of probes: no room for a measured plan")
         points.remove(min(measured, key=lambda p: abs(p[0] - sum_ms)))
-    points = sorted([*points, (round(float(sum_ms), 6), round(float(measured_ms), 6), -1.0)])
+    points = sorted([*points, (round(float(sum_ms), 6), round(float(measured_ms), 6), MEASURED_PLAN)])
     return dataclasses.replace(table, calibration=tuple((a, b) for a, b, _ in points),
                                probes=tuple(f for _, _, f in points))
 

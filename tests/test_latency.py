@@ -421,20 +421,45 @@ def test_a_measured_plan_joins_the_calibration_in_order_and_replaces_one_at_its_
     assert L.LatencyTable.from_dict(json.loads(full.to_json())) == full
 
 
-def test_a_measured_plan_overrules_the_points_it_contradicts_but_not_the_dense_probe(model, analysis):
-    """A plan measured faster than a probe of smaller sum lowers that probe to it (else the non-decreasing
-    calibration would raise the plan back up, and a device under budget could never get a wider plan); one
-    measured slower than a probe of larger sum raises it; the dense probe, which every fraction divides by, stays."""
+def test_a_measured_plan_scales_the_probes_curve_around_it_and_the_dense_model_stays(model, analysis):
+    """A plan timed faster (or slower) than the probes predict moves the calibration near its sum by that
+    factor, fading to none at the dense model; the probes keep the curve's shape."""
     table = dataclasses.replace(macs_table(model, analysis), calibration=((1.0, 1.1), (3.0, 3.2), (9.0, 9.9)),
                                 probes=(0.3, 0.5, 1.0))
-    faster = L.with_measured_point(table, 4.0, 2.5)
-    assert faster.calibration == ((1.0, 1.1), (3.0, 2.5), (4.0, 2.5), (9.0, 9.9))
-    assert L.latency_cost(analysis, faster).calibrate(4.0) == pytest.approx(2.5)
-    assert L.latency_cost(analysis, table).calibrate(4.0) > 3.2  # before: the probe held it above 3.2
-    slower = L.with_measured_point(table, 2.0, 3.5)
-    assert slower.calibration == ((1.0, 1.1), (2.0, 3.5), (3.0, 3.5), (9.0, 9.9))
-    beyond_dense = L.with_measured_point(table, 8.0, 10.5)
-    assert beyond_dense.calibration[-1] == (9.0, 9.9) and beyond_dense.probes[-1] == 1.0
+    before = L.latency_cost(analysis, table)
+    faster = L.with_measured_point(table, 2.9, 2.5)
+    assert faster.calibration == ((1.0, 1.1), (2.9, 2.5), (3.0, 3.2), (9.0, 9.9))  # the points as measured
+    cost = L.latency_cost(analysis, faster)
+    factor = 2.5 / before.calibrate(2.9)
+    assert cost.calibrate(2.9) == pytest.approx(2.5)
+    assert cost.calibrate(1.0) == pytest.approx(1.1 * factor)  # held below the plan
+    assert cost.calibrate(3.0) == pytest.approx(3.2 * np.interp(3.0, [2.9, 9.0], [factor, 1.0]))
+    assert cost.calibrate(3.0) - cost.calibrate(2.9) < 0.2  # no step up to the probe right after the plan
+    assert cost.calibrate(9.0) == pytest.approx(9.9)
+    slower = L.latency_cost(analysis, L.with_measured_point(table, 2.0, 3.5))
+    assert slower.calibrate(2.0) == pytest.approx(3.5) and slower.calibrate(3.0) > 3.2
+    assert slower.calibrate(9.0) == pytest.approx(9.9)
+    grid = np.linspace(0.5, 10, 60)
+    for c in (cost, slower):
+        assert np.all(np.diff([c.calibrate(x) for x in grid]) >= -1e-12)  # monotone, as the planner assumes
+    noisy = L.latency_cost(analysis, L.with_measured_point(table, 8.0, 10.5))  # slower than dense: capped
+    assert noisy.calibrate(9.0) == pytest.approx(9.9) and noisy.calibrate(8.0) <= 9.9 + 1e-9
+    assert L.with_measured_point(table, 9.0, 9.0) == table  # the dense model itself: nothing to add
+
+
+def test_a_plan_measured_beside_a_probe_it_disagrees_with_can_be_widened():
+    """The simulated fleet's case: a three-task plan at 0.7 measured 7% faster than predicted, its sum just
+    below the 0.75 probe's. Inserted as a plain point, the calibration rose almost vertically from the plan to
+    the probe, so planning again at 0.7 gave the same plan; scaled, the budget reaches further."""
+    probes = ((0.134337, 0.125297), (0.158163, 0.144951), (0.271604, 0.250383), (0.468927, 0.494197),
+              (0.682935, 0.705276))
+    plan = (0.461737, 0.450754)
+    cost = L.LatencyCost(None, [], (*probes[:3], plan, *probes[3:]), (0.15, 0.3, 0.5, -1.0, 0.75, 1.0))
+    target = 0.7 * 0.705276
+    reach = next(x for x in np.linspace(plan[0], probes[-1][0], 2000) if cost.calibrate(x) > target)
+    assert reach > 0.48  # the plan's sum was 0.462: a wider plan fits the budget
+    plain = L.LatencyCost(None, [], (*probes[:3], plan, *probes[3:]))  # every point a probe: the old rule
+    assert next(x for x in np.linspace(plan[0], probes[-1][0], 2000) if plain.calibrate(x) > target) < 0.47
 
 
 def _fake_timing(monkeypatch, slowdown):
