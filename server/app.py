@@ -67,7 +67,7 @@ from server.aggregate import aggregate, bound_updates, check_update, fedavg, med
 from server.exchange import exchange, wait_for_nodes
 from server.identity import Identities, node_keys
 from server.ledger import REJECTED, DeviceRecord, Ledger
-from server.planning import BaseModel, Build, PlanBook, measured_budget, off_latency, over_latency
+from server.planning import BaseModel, Build, PlanBook, latency_error, measured_budget, off_latency, over_latency
 from server.recovery import UpdateGate, recover_plans
 from server.report import measured_latency_error, write_report
 from server.rundir import RunState
@@ -113,6 +113,7 @@ def run_federation(grid: Grid, settings: Settings) -> dict:
         secure_mean = collect_scores(grid, ledger, settings, base, state)
     with clock("plan"):
         aggregated = aggregate_scores(ledger, settings, state, secure_mean)
+        restore_latency_timings(ledger, state, base)
         book = plan_devices(ledger, settings, base, aggregated)
     with clock("recover"):
         recovery = recover_plans(book, base, settings.recovery, state, progress=progress_enabled())
@@ -379,7 +380,9 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
     within it, or if none was within, the one measured least over, delivered again: as
     `cut.latency.check_plan` chooses."""
     out = {"rounds": 0, "replanned": 0, "over_at_end": 0}
-    tried: dict[int, dict[str, float]] = {}  # node -> plan hash -> its measured error (measured / asked - 1)
+    tried: dict[int, dict[str, float]] = {  # node -> plan hash -> its measured error (measured / asked - 1)
+        r.node_id: {h: latency_error(r.profile.budget, ms, dense) for h, ms, dense in r.latency_timings}
+        for r in ledger.active() if r.latency_timings}  # a resumed run: the plans timed before the restart
     for _ in range(settings.planning.latency_checks):
         replanned = []
         for record in filter(measured_off_latency, ledger.active()):
@@ -388,6 +391,10 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
             profile = dataclasses.replace(record.profile, budget=measured_budget(
                 record.profile.budget, base.analysis(record.tasks), plan,
                 sizes["latency_ms"] / sizes["latency_dense_ms"]))
+            record.latency_timings.append((plan.plan_hash, sizes["latency_ms"], sizes["latency_dense_ms"]))
+            if state is not None:  # a restarted server plans the device with this timing (restore_latency_timings)
+                state.keep_plan(plan)
+                state.keep_latency_timings(record.device_id, record.latency_timings)
             try:
                 again = device_plan(profile, record, settings, book, aggregated)
             except ValueError as e:  # e.g. the corrected budget is below the smallest plan: keep the delivered one
@@ -412,6 +419,31 @@ def recheck_latency(grid: Grid, ledger: Ledger, settings: Settings, base: BaseMo
     out["over_at_end"] = sum(map(measured_over_latency, ledger.active()))
     out["under_at_end"] = sum(measured_off_latency(r) and not measured_over_latency(r) for r in ledger.active())
     return out
+
+
+def restore_latency_timings(ledger: Ledger, state: RunState, base: BaseModel) -> None:
+    """A resumed run: the timings the latency checks had folded into each device's table (kept in the run
+    directory) go into the table it sent again, before it is planned, so it starts where the checks had
+    brought it instead of timing its way there again. A timing whose plan is not kept, or not of the device's
+    tasks, is left out."""
+    if not state.resumed:
+        return
+    for record in ledger.active():
+        budget = record.profile.budget if record.profile is not None else None
+        if budget is None or budget.kind != "latency" or budget.latency_table is None:
+            continue
+        timings = []
+        for plan_hash, ms, dense_ms in state.kept_latency_timings(record.device_id):
+            plan = state.kept_plan(plan_hash)
+            if plan is None or tuple(plan.tasks) != tuple(record.tasks):
+                continue
+            try:
+                budget = measured_budget(budget, base.analysis(record.tasks), plan, ms / dense_ms)
+            except (KeyError, ValueError):  # a plan of other groups than this model's: not this device's
+                continue
+            timings.append((plan_hash, ms, dense_ms))
+        record.profile = dataclasses.replace(record.profile, budget=budget)
+        record.latency_timings = timings
 
 
 def revert_over_latency(ledger: Ledger, book: PlanBook, tried: Mapping[int, Mapping[str, float]]) -> set[int]:

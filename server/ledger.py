@@ -47,6 +47,7 @@ class DeviceRecord:
     bytes_down: int = 0
     bytes_up_scores: int = 0
     bytes_dense: int = 0  # bytes of the dense decomposed model's weights (the download it replaces)
+    latency_timings: list[tuple[str, float, float]] = field(default_factory=list)  # (plan hash, ms, dense ms) in its table
 
     @property
     def ok(self) -> bool:

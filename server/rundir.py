@@ -9,6 +9,8 @@
                                       the same plans again from the kept aggregate)
     OUT/state/recovered/<hash>.npz    each plan's weights after server-side recovery (server.recovery)
     OUT/state/builds/<plan hash>.npz  each plan's current compact weights (after the last finetune round)
+    OUT/state/latency/<device>.json   each model a device with a latency budget timed (plan hash, ms, dense
+                                      ms), in order: a resumed run plans it with those in its calibration
 
 Scoring is the expensive, privacy-relevant step of a device, so a resumed run asks only devices without a
 kept report to score. A kept report is decoded and validated exactly like a fresh one (same base model,
@@ -73,7 +75,7 @@ class RunState:
         self.resumed = kept is not None  # there was a run to continue
         self.manifest: dict[str, Any] = kept or {"base_model_sha256": base_sha256, "scenario": scenario,
                                                  "finetune_round": 0}
-        for sub in ("reports", "plans", "recovered", "builds"):
+        for sub in ("reports", "plans", "recovered", "builds", "latency"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_manifest()
 
@@ -170,6 +172,15 @@ class RunState:
         if not path.is_file():
             atomic_write(path, json.dumps(plan.to_dict()).encode())
 
+    def kept_plan(self, plan_hash: str) -> PruningPlan | None:
+        """A kept plan (None: not kept, or the file is unreadable or not the plan of that hash)."""
+        path = self.root / "plans" / f"{_SAFE.sub('_', plan_hash)}.json"
+        try:
+            plan = PruningPlan.from_json(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return plan if plan is not None and plan.plan_hash == plan_hash else None
+
     def keep_weights(self, plan_hash: str, arrays: dict[str, np.ndarray]) -> None:
         atomic_write(self.root / "builds" / f"{plan_hash}.npz", _npz_bytes(arrays))
 
@@ -187,6 +198,30 @@ class RunState:
             return _read_npz(path) if path.is_file() else None
         except (OSError, ValueError):
             return None
+
+    # ------------------------------------------------------------------------------- latency checks
+
+    def _timings_path(self, device_id: str) -> Path:
+        return self.root / "latency" / f"{_SAFE.sub('_', device_id)}.json"
+
+    def keep_latency_timings(self, device_id: str, timings: list[tuple[str, float, float]]) -> None:
+        """(plan hash, latency_ms, latency_dense_ms) of each model a device with a latency budget timed, in order
+        (the measurements the server's latency checks folded into its table)."""
+        atomic_write(self._timings_path(device_id), json.dumps([list(t) for t in timings]).encode())
+
+    def kept_latency_timings(self, device_id: str) -> list[tuple[str, float, float]]:
+        """The kept timings of a device ([] for a fresh run, none kept, or a damaged file: the device is then
+        checked again from its first plan, as in a fresh run)."""
+        path = self._timings_path(device_id)
+        if not self.resumed or not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text())
+            timings = [(str(h), float(ms), float(dense)) for h, ms, dense in data]
+        except (OSError, ValueError, TypeError):
+            return []
+        ok = all(0 < ms < 1e7 and 0 < dense < 1e7 for _, ms, dense in timings)
+        return timings if ok else []
 
     def finished_round(self, round_: int) -> None:
         self.manifest["finetune_round"] = round_

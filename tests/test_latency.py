@@ -501,9 +501,10 @@ def test_check_plan_corrects_the_calibration_until_the_plan_measures_within_tole
         assert fake[-1] < fake[0]
 
 
-def latency_device(tmp_path, model, monkeypatch, fraction=0.6):
-    """One device with a latency budget of `fraction`, planned by the server; the exchange faked. Returns
-    (app module, ledger, its record, book, base, aggregated, settings, deliveries: the node sets delivered to)."""
+def latency_device(tmp_path, model, monkeypatch, fraction=0.6, state=None):
+    """One device with a latency budget of `fraction`, planned by the server (after restoring its kept timings
+    from `state`, a RunState, if given); the exchange faked. Returns (app module, ledger, its record, book, base,
+    aggregated, settings, deliveries: the node sets delivered to)."""
     import server.app as app
     from cut.messages import Budget, TaskProfile
     from server.ledger import Ledger
@@ -517,6 +518,8 @@ def latency_device(tmp_path, model, monkeypatch, fraction=0.6):
     record = ledger.records[7]
     record.device_id, record.tasks = "phone", tasks
     record.profile = TaskProfile("phone", tasks, Budget("latency", fraction, latency_table=table))
+    if state is not None:
+        app.restore_latency_timings(ledger, state, base)
     assert app.plan_device(record, ledger, settings, base, book, aggregated)
     deliveries = []
     monkeypatch.setattr(app, "recover_plans", lambda *a, **k: {})
@@ -615,6 +618,37 @@ def test_a_device_whose_every_plan_measured_over_ends_with_the_one_least_over(tm
     assert out["replanned"] >= 1 and out["reverted"] == 1 and deliveries[-1] == {7}
     assert record.plan_hash == first.plan_hash and out["over_at_end"] == 1
     assert record.sizes["latency_ms"] == pytest.approx(1.2 * predicted)
+
+
+def test_a_restarted_server_plans_a_latency_device_with_the_timings_its_checks_had_kept(tmp_path, model, monkeypatch):
+    """The checks timed a device's plans 40% under its table and gave it wider ones; the server restarts on the same
+    run directory and the device sends its profile (its table as measured) again: it is planned with those timings
+    in its calibration from the start, and its earlier plans count as tried."""
+    from server.rundir import RunState
+
+    app, ledger, record, book, base, aggregated, settings, deliveries = latency_device(tmp_path, model, monkeypatch)
+    first = book.builds[record.plan_hash].plan
+    record.sizes.update(latency_ms=0.6 * first.achieved["latency_ratio_predicted"], latency_dense_ms=1.0)
+    state = RunState(tmp_path / "run", base.sha256, "latency", resume=False)
+    monkeypatch.setattr(app, "deliver_models", device_times(book, deliveries, lambda plan: 0.6))
+    app.recheck_latency(None, ledger, settings, base, book, aggregated, state)
+    timed = list(record.latency_timings)
+    assert timed and timed[0][0] == first.plan_hash and record.plan_hash != first.plan_hash
+
+    resumed = RunState(tmp_path / "run", base.sha256, "latency", resume=True)
+    assert resumed.kept_latency_timings("phone") == record.latency_timings
+    _, _, again, book2, *_ = latency_device(tmp_path, model, monkeypatch, state=resumed)
+    assert again.latency_timings == record.latency_timings
+    assert again.profile.budget.latency_table.calibration == record.profile.budget.latency_table.calibration
+    # (latency_device saved the base model again: other weights in the unused heads, so other plan hashes)
+    resumed_plan = book2.builds[again.plan_hash].plan
+    assert resumed_plan.keep == app.device_plan(record.profile, record, settings, book, aggregated).keep
+    assert resumed_plan.keep != first.keep  # not back to the plan the table alone gives
+
+    (tmp_path / "run" / "state" / "latency" / "phone.json").write_text("[[\"x\", NaN, 1.0]]")  # damaged: checked anew
+    assert RunState(tmp_path / "run", base.sha256, "latency", resume=True).kept_latency_timings("phone") == []
+    (tmp_path / "run" / "state" / "latency" / "phone.json").write_text(json.dumps([list(t) for t in timed]))
+    assert RunState(tmp_path / "run", base.sha256, "latency", resume=False).kept_latency_timings("phone") == []
 
 
 def test_timed_fraction_keeps_the_timing_of_median_fraction(monkeypatch):
